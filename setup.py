@@ -1,0 +1,13 @@
+"""Build of the rtp_core C extension; all other metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "rtp_core._core",
+            sources=["rtp_core/_core.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ]
+)
