@@ -1,0 +1,401 @@
+"""One typed configuration for the whole cluster.
+
+A cluster is described by one TOML file; every daemon loads it with :func:`load` and picks its own
+section. Values can be overridden by environment variables named ``CALLVAULT_<SECTION>_<FIELD>``
+(for example ``CALLVAULT_WEB_SERVICES_PORT=8081``) and by ``--set section.field=value`` on the CLI.
+Every defect is reported as a :class:`ConfigError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CALLVAULT_"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field."""
+
+
+@dataclass
+class RecordingPolicy:
+    """Which calls of a tenant are recorded.
+
+    ``mode`` is ``all``, ``none`` or ``pattern``; with ``pattern`` a call is recorded when the
+    caller's or the callee's number (user part) fully matches one of ``patterns`` (regular
+    expressions).
+    """
+
+    mode: str = "all"
+    patterns: list[str] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if self.mode not in ("all", "none", "pattern"):
+            raise ConfigError(f"{where}.mode must be 'all', 'none' or 'pattern', not {self.mode!r}")
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{where}.patterns[{i}] is not a valid regular expression: {exc}") from None
+        if self.mode == "pattern" and not self.patterns:
+            raise ConfigError(f"{where}.patterns must not be empty when mode is 'pattern'")
+
+    def should_record(self, caller: str, callee: str) -> bool:
+        """Return True when a call from ``caller`` to ``callee`` must be recorded."""
+        if self.mode == "all":
+            return True
+        if self.mode == "none":
+            return False
+        return any(re.fullmatch(p, caller) or re.fullmatch(p, callee) for p in self.patterns)
+
+
+@dataclass
+class IvrProfile:
+    """Recording parameters the Resource Manager hands to the MCP for a tenant's sessions."""
+
+    name: str = "default"
+    format: str = "wav"
+    channels: int = 2
+    storage: str = "disk"
+    reorder_ms: int = 100
+
+    def validate(self, where: str) -> None:
+        if self.format not in ("wav",):
+            raise ConfigError(f"{where}.format must be 'wav', not {self.format!r}")
+        if self.channels not in (1, 2):
+            raise ConfigError(f"{where}.channels must be 1 (mono mix) or 2 (stereo), not {self.channels!r}")
+        if self.storage not in ("disk",):
+            raise ConfigError(f"{where}.storage must be 'disk', not {self.storage!r}")
+        if not 20 <= self.reorder_ms <= 500:
+            raise ConfigError(f"{where}.reorder_ms must be between 20 and 500, not {self.reorder_ms!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class User:
+    """A SIP user (extension) of a tenant."""
+
+    extension: str
+    password: str
+    display_name: str = ""
+
+    def validate(self, where: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.+\-]+", self.extension):
+            raise ConfigError(f"{where}.extension {self.extension!r} is not a valid SIP user part")
+        if not self.password:
+            raise ConfigError(f"{where}.password must not be empty")
+
+
+@dataclass
+class Tenant:
+    """A customer: its SIP domains, users, API key, recording policy and IVR Profile."""
+
+    id: str
+    api_key: str
+    name: str = ""
+    domains: list[str] = field(default_factory=list)
+    users: list[User] = field(default_factory=list)
+    policy: RecordingPolicy = field(default_factory=RecordingPolicy)
+    profile: IvrProfile = field(default_factory=IvrProfile)
+
+    def validate(self, where: str) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,62}", self.id):
+            raise ConfigError(f"{where}.id {self.id!r} must be lower-case letters, digits, '-' or '_'")
+        if len(self.api_key) < 16:
+            raise ConfigError(f"{where}.api_key must be at least 16 characters")
+        seen: set[str] = set()
+        for i, user in enumerate(self.users):
+            user.validate(f"{where}.users[{i}]")
+            if user.extension in seen:
+                raise ConfigError(f"{where}.users[{i}].extension {user.extension!r} is listed twice")
+            seen.add(user.extension)
+        self.policy.validate(f"{where}.policy")
+        self.profile.validate(f"{where}.profile")
+
+    def user(self, extension: str) -> User | None:
+        return next((u for u in self.users if u.extension == extension), None)
+
+
+@dataclass
+class SipServerConfig:
+    """The SIP Server: registrar and B2BUA."""
+
+    host: str = "127.0.0.1"
+    port: int = 5060
+    realm: str = "callvault"
+    nonce_secret: str = ""
+    max_expires: int = 3600
+    min_expires: int = 60
+    no_answer_timeout: float = 30.0
+    session_expires: int = 1800
+    resource_manager: str = "127.0.0.1:5070"
+
+
+@dataclass
+class ResourceManagerConfig:
+    """The Resource Manager: stateful proxy in front of the MCPs."""
+
+    host: str = "127.0.0.1"
+    port: int = 5070
+    options_interval: float = 1.0
+    failures_before_down: int = 3
+
+
+@dataclass
+class McpConfig:
+    """One MCP media node."""
+
+    name: str = "mcp1"
+    host: str = "127.0.0.1"
+    port: int = 5080
+    rtp_ip: str = "127.0.0.1"
+    rtp_port_min: int = 20000
+    rtp_port_max: int = 24999
+    spool_dir: str = "var/mcp1/spool"
+    engine_threads: int = 1
+    media_timeout: float = 60.0
+
+    def validate(self, where: str) -> None:
+        if not (1024 <= self.rtp_port_min < self.rtp_port_max <= 65535):
+            raise ConfigError(f"{where}.rtp_port_min/rtp_port_max must be a range within 1024-65535")
+        if self.rtp_port_max - self.rtp_port_min < 8:
+            raise ConfigError(f"{where}: the RTP port range must hold at least 8 ports")
+
+
+@dataclass
+class StorageConfig:
+    """Where finished recordings and their events go."""
+
+    disk_root: str = "var/storage"
+    queue_dir: str = "var/queue"
+
+
+@dataclass
+class WebServicesConfig:
+    """The REST API over the metadata store."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database: str = "var/metadata.sqlite3"
+    internal_token: str = ""
+
+
+@dataclass
+class RecordingProcessorConfig:
+    """Consumes the recording-event queue and posts metadata to Web Services."""
+
+    web_services_url: str = "http://127.0.0.1:8080"
+    poll_interval: float = 0.2
+
+
+@dataclass
+class ClusterConfig:
+    """The whole cluster: every daemon's section plus the tenants."""
+
+    sip_server: SipServerConfig = field(default_factory=SipServerConfig)
+    resource_manager: ResourceManagerConfig = field(default_factory=ResourceManagerConfig)
+    mcp: list[McpConfig] = field(default_factory=list)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    web_services: WebServicesConfig = field(default_factory=WebServicesConfig)
+    recording_processor: RecordingProcessorConfig = field(default_factory=RecordingProcessorConfig)
+    tenants: list[Tenant] = field(default_factory=list)
+    base_dir: str = "."
+
+    def validate(self) -> None:
+        names: set[str] = set()
+        for i, mcp in enumerate(self.mcp):
+            mcp.validate(f"mcp[{i}]")
+            if mcp.name in names:
+                raise ConfigError(f"mcp[{i}].name {mcp.name!r} is used twice")
+            names.add(mcp.name)
+        ids: set[str] = set()
+        domains: dict[str, str] = {}
+        keys: set[str] = set()
+        for i, tenant in enumerate(self.tenants):
+            where = f"tenants[{i}]"
+            tenant.validate(where)
+            if tenant.id in ids:
+                raise ConfigError(f"{where}.id {tenant.id!r} is used twice")
+            ids.add(tenant.id)
+            if tenant.api_key in keys:
+                raise ConfigError(f"{where}.api_key is shared with another tenant")
+            keys.add(tenant.api_key)
+            for domain in tenant.domains:
+                if domain in domains:
+                    raise ConfigError(f"{where}.domains: {domain!r} already belongs to tenant {domains[domain]!r}")
+                domains[domain] = tenant.id
+        _parse_hostport(self.sip_server.resource_manager, "sip_server.resource_manager")
+
+    # Look-ups shared by the daemons.
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.id == tenant_id), None)
+
+    def tenant_for_domain(self, domain: str) -> Tenant | None:
+        """The tenant owning a SIP domain; the first tenant when no tenant lists it."""
+        for t in self.tenants:
+            if domain in t.domains:
+                return t
+        return self.tenants[0] if self.tenants else None
+
+    def tenant_for_api_key(self, key: str) -> Tenant | None:
+        import hmac
+
+        found = None
+        for t in self.tenants:
+            if hmac.compare_digest(t.api_key.encode(), key.encode()):
+                found = t
+        return found
+
+    def mcp_named(self, name: str) -> McpConfig:
+        for m in self.mcp:
+            if m.name == name:
+                return m
+        raise ConfigError(f"mcp: no MCP named {name!r} (known: {', '.join(m.name for m in self.mcp) or 'none'})")
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the file relative to the config file's directory."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def parse_hostport(value: str, where: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); raise ConfigError naming ``where``."""
+    return _parse_hostport(value, where)
+
+
+def _parse_hostport(value: str, where: str) -> tuple[str, int]:
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value or "")
+    if not m:
+        raise ConfigError(f"{where} must be host:port, not {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}: port {port} is out of range")
+    return host, port
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Convert a TOML/env value to the annotated type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer, not {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, not {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, not {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, not {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]} is not a known setting")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f"{where}.{f.name}" if where else f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{f.name} is required" if where else f"{f.name} is required")
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+_SECTIONS = ("sip_server", "resource_manager", "storage", "web_services", "recording_processor")
+
+
+def from_dict(
+    data: dict[str, Any],
+    *,
+    base_dir: str = ".",
+    overrides: dict[str, str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> ClusterConfig:
+    """Build and validate a ClusterConfig from parsed TOML data plus env and CLI overrides."""
+    data = dict(data)
+    env = os.environ if environ is None else environ
+    for section in _SECTIONS:
+        cls = typing.get_type_hints(ClusterConfig)[section]
+        for f in dataclasses.fields(cls):
+            name = f"{ENV_PREFIX}{section}_{f.name}".upper()
+            if name in env:
+                _apply_override(data, f"{section}.{f.name}", env[name])
+    for dotted, value in (overrides or {}).items():
+        if dotted.split(".")[0] not in _SECTIONS:
+            raise ConfigError(f"--set {dotted}: only {', '.join(_SECTIONS)} can be overridden")
+        _apply_override(data, dotted, value)
+    data.pop("base_dir", None)
+    config: ClusterConfig = _build(ClusterConfig, data, "")
+    config.base_dir = base_dir
+    config.validate()
+    return config
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    overrides: dict[str, str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> ClusterConfig:
+    """Load, override and validate the cluster configuration file at ``path``."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return from_dict(data, base_dir=str(p.resolve().parent), overrides=overrides, environ=environ)
