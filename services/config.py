@@ -232,7 +232,9 @@ class ClusterConfig:
             keys.add(tenant.api_key)
             for domain in tenant.domains:
                 if domain in domains:
-                    raise ConfigError(f"{where}.domains: {domain!r} already belongs to tenant {domains[domain]!r}")
+                    raise ConfigError(
+                        f"{where}.domains: {domain!r} already belongs to tenant {domains[domain]!r}"
+                    )
                 domains[domain] = tenant.id
         _parse_hostport(self.sip_server.resource_manager, "sip_server.resource_manager")
 
@@ -260,7 +262,9 @@ class ClusterConfig:
         for m in self.mcp:
             if m.name == name:
                 return m
-        raise ConfigError(f"mcp: no MCP named {name!r} (known: {', '.join(m.name for m in self.mcp) or 'none'})")
+        raise ConfigError(
+            f"mcp: no MCP named {name!r} (known: {', '.join(m.name for m in self.mcp) or 'none'})"
+        )
 
     def path(self, value: str) -> Path:
         """Resolve a path from the file relative to the config file's directory."""
