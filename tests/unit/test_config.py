@@ -1,0 +1,110 @@
+"""The cluster configuration: loading, overrides and errors that name the field."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from services import config
+from services.lab import LabPorts, make_config, to_toml
+
+MINIMAL = """
+[[mcp]]
+name = "mcp1"
+
+[[tenants]]
+id = "default"
+api_key = "0123456789abcdef"
+domains = ["127.0.0.1"]
+
+[[tenants.users]]
+extension = "1001"
+password = "secret"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL), environ={})
+    assert cfg.sip_server.port == 5060
+    assert cfg.mcp[0].rtp_port_min == 20000
+    assert cfg.tenants[0].user("1001").password == "secret"
+    assert cfg.tenants[0].policy.should_record("1001", "1002")
+    assert cfg.path("var/x") == tmp_path / "var/x"
+
+
+def test_env_and_cli_overrides(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(tmp_path, MINIMAL),
+        overrides={"web_services.port": "8181"},
+        environ={"CALLVAULT_SIP_SERVER_PORT": "5062", "CALLVAULT_RESOURCE_MANAGER_OPTIONS_INTERVAL": "0.5"},
+    )
+    assert cfg.sip_server.port == 5062
+    assert cfg.web_services.port == 8181
+    assert cfg.resource_manager.options_interval == 0.5
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ("[sip_server]\nprot = 1\n", "sip_server.prot is not a known setting"),
+        ("[sip_server]\nport = 'x'\n", "sip_server.port must be an integer"),
+        ("[sip_server]\nresource_manager = 'nohost'\n", "sip_server.resource_manager must be host:port"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, patch: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(write(tmp_path, MINIMAL + patch), environ={})
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('extension = "1001"', 'extension = "10 01"', r"tenants\[0\].users\[0\].extension"),
+        ('api_key = "0123456789abcdef"', 'api_key = "short"', r"tenants\[0\].api_key"),
+        ('id = "default"', 'id = "Bad Id"', r"tenants\[0\].id"),
+    ],
+)
+def test_tenant_errors(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(write(tmp_path, MINIMAL.replace(old, new)), environ={})
+
+
+def test_policy_patterns() -> None:
+    policy = config.RecordingPolicy(mode="pattern", patterns=["20[0-9]{2}"])
+    assert policy.should_record("2001", "1002")
+    assert policy.should_record("1001", "2002")
+    assert not policy.should_record("1001", "1002")
+    with pytest.raises(config.ConfigError, match="patterns\\[0\\]"):
+        config.RecordingPolicy(mode="pattern", patterns=["("]).validate("policy")
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[[["), environ={})
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", environ={})
+
+
+def test_duplicate_domains_and_keys_rejected(tmp_path: Path) -> None:
+    second = MINIMAL.split("[[tenants]]")[1].replace('id = "default"', 'id = "other"')
+    with pytest.raises(config.ConfigError, match="api_key is shared"):
+        config.load(write(tmp_path, MINIMAL + "[[tenants]]" + second), environ={})
+
+
+def test_lab_config_round_trips_through_toml(tmp_path: Path) -> None:
+    data = make_config(LabPorts.free())
+    text = to_toml(data)
+    assert tomllib.loads(text) == data
+    cfg = config.load(write(tmp_path, text), environ={})
+    assert [m.name for m in cfg.mcp] == ["mcp1", "mcp2"]
+    assert cfg.tenant_for_domain("acme.lab").id == "acme"
+    assert cfg.tenant_for_api_key(data["tenants"][1]["api_key"]).id == "acme"
+    assert cfg.tenant_for_api_key("wrong") is None
