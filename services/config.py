@@ -139,6 +139,13 @@ class SipServerConfig:
     no_answer_timeout: float = 30.0
     session_expires: int = 1800
     resource_manager: str = "127.0.0.1:5070"
+    #: RFC 4028 Min-SE: the shortest session interval accepted (422 below it).
+    min_se: int = 90
+    #: How long to wait for the RM/MCP to answer a recording-bridge INVITE before the call goes on
+    #: unrecorded.
+    recording_timeout: float = 5.0
+    #: Graceful shutdown: how long established calls may go on before they are ended by BYE.
+    shutdown_timeout: float = 10.0
 
 
 @dataclass
