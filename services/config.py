@@ -156,6 +156,25 @@ class ResourceManagerConfig:
     port: int = 5070
     options_interval: float = 1.0
     failures_before_down: int = 3
+    # Seconds to wait for any answer (even 100 Trying) from an MCP before trying the next one.
+    failover_timeout: float = 2.0
+    # Idle seconds after which a recording session's affinity is forgotten (longer than any
+    # session-timer refresh interval: every in-dialog request renews it).
+    affinity_ttl: float = 7200.0
+    # Retry-After (seconds) on the 503 answered when no MCP is healthy.
+    retry_after: int = 5
+    # Seconds a stopping RM waits for transactions in flight.
+    shutdown_timeout: float = 5.0
+
+    def validate(self, where: str) -> None:
+        if self.options_interval <= 0:
+            raise ConfigError(f"{where}.options_interval must be positive")
+        if self.failures_before_down < 1:
+            raise ConfigError(f"{where}.failures_before_down must be at least 1")
+        if self.failover_timeout <= 0:
+            raise ConfigError(f"{where}.failover_timeout must be positive")
+        if self.affinity_ttl < 60:
+            raise ConfigError(f"{where}.affinity_ttl must be at least 60 seconds")
 
 
 @dataclass
@@ -171,6 +190,8 @@ class McpConfig:
     spool_dir: str = "var/mcp1/spool"
     engine_threads: int = 1
     media_timeout: float = 60.0
+    # Seconds a stopping MCP spends ending its sessions (BYE) and storing their recordings.
+    shutdown_timeout: float = 10.0
 
     def validate(self, where: str) -> None:
         if not (1024 <= self.rtp_port_min < self.rtp_port_max <= 65535):
@@ -219,6 +240,7 @@ class ClusterConfig:
     base_dir: str = "."
 
     def validate(self) -> None:
+        self.resource_manager.validate("resource_manager")
         names: set[str] = set()
         for i, mcp in enumerate(self.mcp):
             mcp.validate(f"mcp[{i}]")
