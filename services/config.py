@@ -216,6 +216,9 @@ class WebServicesConfig:
     port: int = 8080
     database: str = "var/metadata.sqlite3"
     internal_token: str = ""
+    # HMAC key of signed playback URLs; shared by all instances (derived from internal_token if empty)
+    url_signing_key: str = ""
+    signed_url_ttl: float = 300.0
 
 
 @dataclass
@@ -224,6 +227,11 @@ class RecordingProcessorConfig:
 
     web_services_url: str = "http://127.0.0.1:8080"
     poll_interval: float = 0.2
+    # a claimed event not acknowledged after this long (its processor died) goes back to the queue
+    claim_timeout: float = 60.0
+    # retry delay when Web Services is unreachable: poll_interval doubling up to max_backoff
+    max_backoff: float = 5.0
+    request_timeout: float = 10.0
 
 
 @dataclass

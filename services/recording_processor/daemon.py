@@ -1,0 +1,255 @@
+"""The Recording Processor: recording events from the durable queue -> Web Services.
+
+For each pending event, oldest first: claim it (atomic rename into ``claimed/<consumer>/``, so two
+processors never post the same event at once), load and validate it into the metadata document,
+``POST /api/v1/internal/recordings`` with the internal token, and acknowledge (delete) it only after
+Web Services has it:
+
+==================  =====================================================================
+response            what happens to the event
+==================  =====================================================================
+2xx                 acknowledged (201 created, 200 identical duplicate)
+409, 410            acknowledged with a log line (already indexed differently / deleted)
+400, 413, 422       moved to ``bad/`` with the reason (it can never be accepted)
+401, 403, other 4xx returned to the queue, retried with backoff (a configuration problem)
+5xx, no connection  returned to the queue, retried with backoff (Web Services is down)
+==================  =====================================================================
+
+Backoff starts at ``poll_interval`` and doubles up to ``max_backoff``. Claims of a processor that
+died are returned to the queue by any processor after ``claim_timeout``; a processor returns its own
+claims at start-up and on shutdown. Posting is idempotent by recording id, so the rare duplicate post
+(a slow processor whose claim timed out) is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from services.config import ClusterConfig
+from services.storage.disk import DiskWriter, StorageKeyError
+from services.storage.metadata import DocumentError, split_unknown, validate_document
+from services.storage.queue import EventQueue, QueueCorruptError
+
+log = logging.getLogger("callvault.recording_processor")
+
+INTERNAL_PATH = "/api/v1/internal/recordings"
+STALE_CHECK_INTERVAL = 5.0
+TEMP_PURGE_INTERVAL = 600.0
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # acknowledged, rejected or gone: move on
+    RETRY = "retry"  # Web Services unavailable or refusing us: back off
+
+
+def build_document(event: dict[str, Any]) -> dict[str, Any]:
+    """The metadata document of a queue event; raises DocumentError naming the bad field.
+
+    Fields this version does not know are kept under ``extra`` rather than dropped or rejected, so a
+    newer MCP can add fields without its events being refused.
+    """
+    known, unknown = split_unknown(event)
+    if unknown:
+        extra = known.get("extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise DocumentError("extra", "must be a JSON object or null")
+        known["extra"] = {**(extra or {}), **unknown}
+        log.debug("event %s: unknown fields %s kept under 'extra'", event.get("id"), sorted(unknown))
+    return validate_document(known)
+
+
+def consumer_name(name: str | None) -> str:
+    """A claim-directory name: the daemon's name, else ``<host>-<pid>``."""
+    raw = name or f"{socket.gethostname()}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", raw)[:128].lstrip("._-") or f"rp-{os.getpid()}"
+
+
+class RecordingProcessor:
+    """One consumer of the event queue."""
+
+    def __init__(
+        self,
+        queue: EventQueue,
+        session: aiohttp.ClientSession,
+        *,
+        url: str,
+        token: str,
+        consumer: str,
+        poll_interval: float = 0.2,
+        max_backoff: float = 5.0,
+        claim_timeout: float = 60.0,
+        disk: DiskWriter | None = None,
+    ) -> None:
+        self.queue = queue
+        self.session = session
+        self.url = url.rstrip("/") + INTERNAL_PATH
+        self.token = token
+        self.consumer = consumer
+        self.poll_interval = poll_interval
+        self.max_backoff = max(max_backoff, poll_interval)
+        self.claim_timeout = claim_timeout
+        self.disk = disk
+        self.backoff = poll_interval
+        self.down_since: float | None = None
+        self.delivered = 0
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Consume until cancelled; own claims go back to the queue on the way out."""
+        await self.queue.release(self.consumer)
+        if ready is not None:
+            ready()
+        next_stale = 0.0
+        next_purge = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_stale:
+                    await self.queue.release_stale(self.claim_timeout)
+                    next_stale = now + STALE_CHECK_INTERVAL
+                if now >= next_purge:
+                    await self.queue.purge_temp()
+                    next_purge = now + TEMP_PURGE_INTERVAL
+                outcome = await self.process_pending()
+                if outcome is Outcome.RETRY:
+                    await asyncio.sleep(self.backoff)
+                    self.backoff = min(self.backoff * 2, self.max_backoff)
+                else:
+                    await asyncio.sleep(self.poll_interval)
+        finally:
+            # in-flight event (if any) goes back; another processor, or our next life, posts it
+            await asyncio.shield(self.queue.release(self.consumer))
+
+    async def process_pending(self) -> Outcome:
+        """Deliver the pending events, oldest first; stop at the first one that must be retried."""
+        for path in await self.queue.pending():
+            claimed = await self.queue.claim(path, self.consumer)
+            if claimed is None:
+                continue  # another processor took it
+            outcome = await self.deliver(claimed)
+            if outcome is Outcome.RETRY:
+                await self.queue.unclaim(claimed)
+                return outcome
+            if self.down_since is not None:
+                log.info("Web Services reachable again after %.1f s", time.monotonic() - self.down_since)
+                self.down_since = None
+            self.backoff = self.poll_interval
+        return Outcome.DONE
+
+    async def deliver(self, path: Path) -> Outcome:
+        """Post one claimed event; acknowledge, reject or ask for a retry."""
+        try:
+            event = await self.queue.load(path)
+        except QueueCorruptError:
+            return Outcome.DONE  # moved to bad/ and logged by the queue
+        except FileNotFoundError:
+            return Outcome.DONE  # our claim went stale and someone else delivered it
+        try:
+            doc = build_document(event)
+        except DocumentError as exc:
+            await self.queue.reject(path, f"invalid recording event: {exc}")
+            return Outcome.DONE
+        await self._check_audio(doc)
+        try:
+            async with self.session.post(
+                self.url, json=doc, headers={"Authorization": f"Bearer {self.token}"}
+            ) as resp:
+                status = resp.status
+                body = await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._down(f"{type(exc).__name__}: {exc}")
+            return Outcome.RETRY
+        rid = doc["id"]
+        if 200 <= status < 300:
+            await self.queue.ack(path)
+            self.delivered += 1
+            log.info("recording %s posted to Web Services (%d)", rid, status)
+            return Outcome.DONE
+        if status in (409, 410):
+            await self.queue.ack(path)
+            log.warning(
+                "recording %s: Web Services answered %d (%s); event acknowledged", rid, status, _msg(body)
+            )
+            return Outcome.DONE
+        if status in (400, 413, 422):
+            await self.queue.reject(path, f"Web Services refused it with {status}: {_msg(body)}")
+            return Outcome.DONE
+        if 400 <= status < 500:
+            log.error(
+                "recording %s: Web Services answered %d (%s); check the configuration, retrying",
+                rid,
+                status,
+                _msg(body),
+            )
+            self._down(f"HTTP {status}", quiet=True)
+            return Outcome.RETRY
+        self._down(f"HTTP {status}: {_msg(body)}")
+        return Outcome.RETRY
+
+    def _down(self, why: str, quiet: bool = False) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            if not quiet:
+                log.warning("Web Services unavailable (%s); events wait in the queue", why)
+        else:
+            log.debug("Web Services still unavailable (%s)", why)
+
+    async def _check_audio(self, doc: dict[str, Any]) -> None:
+        """Warn (only) when a disk recording's file is not where the event says."""
+        storage = doc["storage"]
+        if self.disk is None or storage["kind"] != "disk":
+            return
+        try:
+            size = await self.disk.stat(storage["key"])
+        except (FileNotFoundError, StorageKeyError) as exc:
+            log.warning(
+                "recording %s: audio %s not found in disk storage (%s)", doc["id"], storage["key"], exc
+            )
+            return
+        if doc["size"] and size != doc["size"]:
+            log.warning("recording %s: audio is %d bytes, the event says %d", doc["id"], size, doc["size"])
+
+
+def _msg(body: str) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200]
+
+
+async def run(
+    config: ClusterConfig, *, name: str | None = None, ready: Callable[[], None] | None = None
+) -> None:
+    """Consume ``storage.queue_dir`` and post to ``recording_processor.web_services_url`` until cancelled."""
+    rp = config.recording_processor
+    token = config.web_services.internal_token
+    if not token:
+        log.warning("web_services.internal_token is empty: Web Services will refuse the recordings")
+    queue = EventQueue(config.path(config.storage.queue_dir))
+    consumer = consumer_name(name)
+    timeout = aiohttp.ClientTimeout(total=rp.request_timeout, connect=min(rp.request_timeout, 5.0))
+    async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
+        processor = RecordingProcessor(
+            queue,
+            session,
+            url=rp.web_services_url,
+            token=token,
+            consumer=consumer,
+            poll_interval=rp.poll_interval,
+            max_backoff=rp.max_backoff,
+            claim_timeout=rp.claim_timeout,
+            disk=DiskWriter(config.path(config.storage.disk_root)),
+        )
+        log.info("Recording Processor %s: queue %s -> %s", consumer, queue.directory, processor.url)
+        await processor.run(ready)

@@ -1,0 +1,81 @@
+"""Audio sources for playback: where the bytes of a recording come from.
+
+Today only unencrypted disk objects exist. Issue 4 adds S3 objects and AES-256-GCM encrypted chunks;
+they plug in here as other :class:`AudioSource` implementations (``size`` is the plaintext size and
+``iter_range`` decrypts the chunks that cover the range), leaving the HTTP handler unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.storage.disk import DiskWriter
+
+CHUNK = 256 * 1024
+
+CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg", "flac": "audio/flac"}
+
+
+class AudioUnavailable(Exception):
+    """The recording's audio cannot be served; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AudioSource(Protocol):
+    size: int
+    content_type: str
+
+    def iter_range(self, first: int, last: int) -> AsyncIterator[bytes]:
+        """Bytes ``first..last`` (inclusive), in chunks, without blocking the event loop."""
+        ...
+
+
+@dataclass
+class DiskAudio:
+    """A plain file under the disk storage root, read in a worker thread chunk by chunk."""
+
+    path: Path
+    size: int
+    content_type: str
+
+    async def iter_range(self, first: int, last: int) -> AsyncIterator[bytes]:
+        f = await asyncio.to_thread(open, self.path, "rb")
+        try:
+            await asyncio.to_thread(f.seek, first)
+            remaining = last - first + 1
+            while remaining > 0:
+                chunk = await asyncio.to_thread(f.read, min(CHUNK, remaining))
+                if not chunk:  # truncated underneath us
+                    break
+                remaining -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(f.close)
+
+
+async def open_audio(doc: dict[str, Any], disk: DiskWriter) -> AudioSource:
+    """The audio of a metadata document; raises AudioUnavailable."""
+    storage = doc.get("storage") or {}
+    content_type = CONTENT_TYPES.get(doc.get("format", "wav"), "application/octet-stream")
+    if doc.get("encryption"):
+        raise AudioUnavailable(501, "not_implemented", "encrypted playback is not available yet")
+    if storage.get("kind") != "disk":
+        raise AudioUnavailable(
+            501, "not_implemented", f"playback from {storage.get('kind')!r} storage is not available"
+        )
+    path = disk.path(storage["key"])
+    try:
+        st = await asyncio.to_thread(path.stat)
+    except FileNotFoundError:
+        raise AudioUnavailable(
+            404, "audio_missing", "the recording's audio file is missing from storage"
+        ) from None
+    return DiskAudio(path, st.st_size, content_type)
