@@ -1,0 +1,105 @@
+"""The MCP daemon: one ``[[mcp]]`` entry's SIP endpoint, rtp_core engine and storage hand-off.
+
+``run(config, name=...)`` first finishes recordings a previous run left in its spool (see
+services/mcp/session.py), then serves on ``host:port`` (UDP and TCP) and calls ``ready()``. On
+cancellation it drains: OPTIONS and new INVITEs get 503, every open session is ended with BYE and its
+recording stored and queued within ``shutdown_timeout``; what does not make it stays in the spool and
+is recovered at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from services.config import ClusterConfig, McpConfig
+from services.sip.aio import SipEndpoint
+from services.storage.disk import DiskWriter
+from services.storage.queue import EventQueue
+
+from .server import McpServer
+from .session import find_leftovers
+
+log = logging.getLogger("callvault.mcp")
+
+
+def pick_mcp(config: ClusterConfig, name: str | None) -> McpConfig:
+    if name is not None:
+        return config.mcp_named(name)
+    if len(config.mcp) == 1:
+        return config.mcp[0]
+    return config.mcp_named("")  # raises ConfigError listing the known names
+
+
+def make_engine(mcp: McpConfig) -> Any:
+    """The rtp_core engine for this MCP's RTP address and port range."""
+    from rtp_core import Engine
+
+    return Engine(
+        bind_ip=mcp.rtp_ip, port_min=mcp.rtp_port_min, port_max=mcp.rtp_port_max, threads=mcp.engine_threads
+    )
+
+
+async def run(
+    config: ClusterConfig,
+    *,
+    name: str | None = None,
+    ready: Callable[[], None] | None = None,
+    engine_factory: Callable[[McpConfig], Any] = make_engine,
+) -> None:
+    """Run the MCP named ``name`` until cancelled (docs/ARCHITECTURE.md, daemon entry points)."""
+    mcp = pick_mcp(config, name)
+    spool = config.path(mcp.spool_dir)
+    spool.mkdir(parents=True, exist_ok=True)
+    writer = DiskWriter(config.path(config.storage.disk_root))
+    queue = EventQueue(config.path(config.storage.queue_dir))
+    engine = engine_factory(mcp)
+    endpoint = SipEndpoint(host=mcp.host, port=mcp.port, name=mcp.name)
+    server = McpServer(mcp, endpoint, engine, spool=spool, writer=writer, queue=queue)
+    loop = asyncio.get_running_loop()
+    reader = False
+    started = False
+    try:
+        leftovers = await asyncio.to_thread(find_leftovers, spool)
+        if leftovers:
+            log.warning(
+                "MCP %s: %d recording(s) left in the spool by a previous run", mcp.name, len(leftovers)
+            )
+            await server.recover(leftovers)
+        await endpoint.start()
+        started = True
+        endpoint.request_handler = server.handle_request
+        endpoint.ack_handler = server.handle_ack
+        loop.add_reader(engine.fileno(), server.on_engine_readable)
+        reader = True
+        log.info(
+            "MCP %s on %s:%d (udp+tcp), RTP %s:%d-%d, spool %s",
+            mcp.name, endpoint.host, endpoint.port, mcp.rtp_ip, mcp.rtp_port_min, mcp.rtp_port_max, spool,
+        )  # fmt: skip
+        if ready is not None:
+            ready()
+        await asyncio.Event().wait()
+    finally:
+        log.info("MCP %s stopping", mcp.name)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(_shutdown(server, endpoint, engine, mcp, reader=reader, started=started))
+
+
+async def _shutdown(
+    server: McpServer, endpoint: SipEndpoint, engine: Any, mcp: McpConfig, *, reader: bool, started: bool
+) -> None:
+    try:
+        await server.shutdown(mcp.shutdown_timeout)
+    finally:
+        if reader:
+            asyncio.get_running_loop().remove_reader(engine.fileno())
+        try:
+            engine.close()
+        except Exception:
+            log.exception("rtp_core: engine close failed")
+        if started:
+            await endpoint.close()
+        log.info("MCP %s stopped (%d recording(s) finalised)", mcp.name, server.finalised)

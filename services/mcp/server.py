@@ -1,0 +1,545 @@
+"""The MCP's SIP UAS for recording-bridge sessions, driving rtp_core and handing files to storage.
+
+Request handling (docs/ARCHITECTURE.md, "SIP Server -> RM -> MCP"):
+- INVITE: ``X-CV-*`` headers and the two-m-line offer are checked (400/415/488 with a reason), an
+  rtp_core session is opened in ``bridge`` mode with its output in the spool, both legs bound, the
+  known party address set, and 200 answered with the legs' ports; then the ACK is awaited (a session
+  whose ACK never comes is ended with BYE and finalised, RFC 3261 13.3.1.4).
+- re-INVITE / UPDATE with SDP: new remote addresses and payload types, same ports, answer direction.
+- BYE: 200, then the session is finalised off the SIP path: engine session closed, the file moved to
+  storage, the recording event queued.
+- OPTIONS: 200 with ``X-CV-Load`` (active sessions), 503 while draining.
+Engine events (``loop.add_reader(engine.fileno())``): ``started``/``ssrc_change`` are logged, ``dtmf``
+digits are collected per leg, ``timeout`` ends the session with a BYE towards the SIP Server.
+
+Nothing a peer sends can lose a recording: every handler answers (500 at worst) and every session
+that was answered is finalised exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.config import McpConfig
+from services.sip.errors import SipError, SipParseError
+from services.sip.message import Request, new_tag
+from services.storage.disk import recording_key
+
+from . import bridge as sdp_bridge
+from . import xcv
+from .events import build_event, check_event
+from .session import (
+    PART_SUFFIX,
+    Leftover,
+    RecordingSession,
+    State,
+    remove_sidecar,
+    write_sidecar,
+)
+
+if TYPE_CHECKING:
+    from services.sip.aio import IncomingRequest, SipEndpoint
+
+log = logging.getLogger("callvault.mcp")
+
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
+ACK_TIMEOUT = 32.0  # 64 * T1: RFC 3261 13.3.1.4
+BYE_TIMEOUT = 5.0  # how long finalisation waits for the answer to our own BYE
+
+
+class McpServer:
+    """One MCP: the SIP handlers, the sessions and their finalisation."""
+
+    def __init__(
+        self,
+        mcp: McpConfig,
+        endpoint: SipEndpoint,
+        engine: Any,
+        *,
+        spool: Path,
+        writer: Any,
+        queue: Any,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.mcp = mcp
+        self.endpoint = endpoint
+        self.engine = engine
+        self.spool = spool
+        self.writer = writer
+        self.queue = queue
+        self.clock = clock
+        self.accepting = True
+        self.sessions: dict[str, RecordingSession] = {}  # Call-ID -> session
+        self.by_engine: dict[int, RecordingSession] = {}
+        self._finalising: dict[str, asyncio.Task[None]] = {}  # recording id -> task
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.finalised = 0
+
+    @property
+    def load(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.active)
+
+    # -- SIP entry points ---------------------------------------------------------------------------
+    async def handle_request(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        try:
+            method = request.method
+            if method == "INVITE":
+                if request.to.tag is None:
+                    await self._invite(incoming)
+                else:
+                    await self._reinvite(incoming)
+            elif method == "BYE":
+                self._bye(incoming)
+            elif method == "OPTIONS" and request.to.tag is None:
+                self._options(incoming)
+            elif method in ("UPDATE", "INFO", "OPTIONS"):
+                await self._in_dialog_other(incoming)
+            elif request.to.tag is not None:
+                self._answer(incoming, 481, "Call/Transaction Does Not Exist")
+            else:
+                self._answer(incoming, 405, headers=[("Allow", ALLOW)])
+        except SipParseError as exc:
+            log.info("bad %s from %s: %s", request.method, incoming.source, exc)
+            self._answer(incoming, exc.status, exc.reason)
+        except Exception:
+            log.exception("error handling %s from %s", request.method, incoming.source)
+            self._answer(incoming, 500, "Internal Server Error")
+
+    def handle_ack(self, request: Request, source: tuple[str, int], transport: str) -> None:
+        """ACKs not awaited by a transaction (e.g. a retransmission): nothing to do."""
+        log.debug("ACK for call %s from %s", request.headers.get("Call-ID"), source)
+
+    def _answer(self, incoming: IncomingRequest, status: int, reason: str | None = None, **kw: Any) -> None:
+        try:
+            incoming.respond(status, reason, **kw)
+        except Exception:
+            log.debug("could not answer %s", status, exc_info=True)
+
+    def _contact(self, transport: str) -> str:
+        return f"<{self.endpoint.contact_uri('mcp', transport)}>"
+
+    def _options(self, incoming: IncomingRequest) -> None:
+        headers = [(xcv.LOAD, str(self.load)), ("Allow", ALLOW), ("Accept", "application/sdp")]
+        if self.accepting:
+            self._answer(incoming, 200, headers=headers)
+        else:
+            self._answer(incoming, 503, "Draining", headers=[*headers, ("Retry-After", "5")])
+
+    # -- new session ----------------------------------------------------------------------------------
+    async def _invite(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        if not self.accepting:
+            self._answer(incoming, 503, "MCP shutting down", headers=[("Retry-After", "5")])
+            return
+        if request.call_id in self.sessions:
+            self._answer(incoming, 482, "Loop Detected")  # same Call-ID without To tag: a loop or a fork
+            return
+        try:
+            bridge = xcv.parse_bridge_headers(request.headers.get)
+            offer = sdp_bridge.parse_bridge_offer(sdp_bridge.parse_sdp(request.body, request.content_type))
+        except (xcv.XcvError, sdp_bridge.OfferError) as exc:
+            log.info(
+                "INVITE %s from %s rejected: %d %s", request.call_id, incoming.source, exc.status, exc.reason
+            )
+            self._answer(incoming, exc.status, exc.reason)
+            return
+        session = self._open(bridge, offer, request)
+        if session is None:
+            self._answer(incoming, 503, "Media resources unavailable", headers=[("Retry-After", "5")])
+            return
+        try:
+            answer = sdp_bridge.build_answer(offer, self.mcp.rtp_ip, session.ports)
+            session.sdp_session_id = answer.origin.session_id
+            session.sdp_version = answer.origin.version
+            session.last_answer = answer.to_bytes()
+            from services.sip.dialog import Dialog
+
+            session.dialog = Dialog.from_uas(request, session.local_tag)
+            await asyncio.to_thread(
+                write_sidecar, self.spool, session.recording_id, session.sidecar(self.mcp.name)
+            )
+        except Exception:
+            self._close_engine(session)
+            session.spool_path.unlink(missing_ok=True)
+            raise
+        if incoming.cancelled.is_set():
+            self._answer(incoming, 487, "Request Terminated")
+            self._finalise_soon(session, "cancelled")
+            return
+        self.sessions[session.call_id] = session
+        self.by_engine[session.engine_id] = session
+        log.info(
+            "session %s part %d: recording %s (tenant %s, call %s) on ports %d/%d, %s",
+            bridge.session_id, bridge.part, session.recording_id, bridge.tenant, bridge.call.call_id,
+            session.ports[0], session.ports[1], session.codec,
+        )  # fmt: skip
+        incoming.respond(
+            200,
+            to_tag=session.local_tag,
+            headers=[("Contact", self._contact(incoming.transport)), ("Allow", ALLOW)],
+            body=session.last_answer,
+            content_type="application/sdp",
+        )
+        ack = await incoming.wait_ack(ACK_TIMEOUT)
+        if ack is None:
+            if session.state is State.EARLY:
+                log.warning("recording %s: no ACK for the 200; ending the session", session.recording_id)
+                self._end_soon(session, "no ACK")
+        elif session.state is State.EARLY:
+            session.state = State.CONFIRMED
+
+    def _open(
+        self, bridge: xcv.BridgeRequest, offer: sdp_bridge.BridgeOffer, request: Request
+    ) -> RecordingSession | None:
+        """Open the rtp_core session and its legs; None when the engine cannot (logged)."""
+        recording_id = uuid.uuid4().hex
+        part = self.spool / f"{recording_id}{PART_SUFFIX}"
+        try:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            engine_id = self.engine.open_session(
+                output_path=str(part),
+                channels=bridge.profile.channels,
+                mode="bridge",
+                reorder_ms=bridge.profile.reorder_ms,
+                timeout_s=self.mcp.media_timeout,
+            )
+        except (OSError, ValueError) as exc:
+            log.error("cannot open a media session for call %s: %s", request.call_id, exc)
+            return None
+        try:
+            ports = (self.engine.add_leg(engine_id, 0), self.engine.add_leg(engine_id, 1))
+        except (OSError, ValueError) as exc:
+            log.error("cannot bind RTP ports for call %s: %s", request.call_id, exc)
+            self._safe_close(engine_id)
+            part.unlink(missing_ok=True)
+            return None
+        session = RecordingSession(
+            recording_id=recording_id,
+            bridge=bridge,
+            engine_id=engine_id,
+            ports=ports,
+            spool_path=part,
+            opened=self.clock(),
+            call_id=request.call_id,
+            local_tag=new_tag(),
+            codec=offer.legs[0].codec,
+        )
+        try:
+            self._apply_offer(session, offer)
+        except (OSError, ValueError) as exc:
+            log.error("cannot configure the media session for call %s: %s", request.call_id, exc)
+            self._close_engine(session)
+            part.unlink(missing_ok=True)
+            return None
+        return session
+
+    def _apply_offer(self, session: RecordingSession, offer: sdp_bridge.BridgeOffer) -> None:
+        for leg in offer.legs:
+            self.engine.set_payload_types(session.engine_id, leg.leg, leg.payload_types)
+            if leg.address is not None and leg.address != session.remotes[leg.leg]:
+                self.engine.set_remote(session.engine_id, leg.leg, leg.address[0], leg.address[1])
+                session.remotes[leg.leg] = leg.address
+        if offer.legs[0].codec:
+            session.codec = offer.legs[0].codec
+
+    # -- in-dialog ------------------------------------------------------------------------------------
+    def _dialog_session(self, incoming: IncomingRequest) -> RecordingSession | None:
+        request = incoming.request
+        session = self.sessions.get(request.call_id)
+        if session is None or request.to.tag != session.local_tag or not session.active:
+            self._answer(incoming, 481, "Call/Transaction Does Not Exist")
+            return None
+        if session.dialog is not None:
+            try:
+                session.dialog.receive_request(request)
+            except SipParseError as exc:
+                self._answer(incoming, exc.status, exc.reason)
+                return None
+        return session
+
+    async def _reinvite(self, incoming: IncomingRequest) -> None:
+        session = self._dialog_session(incoming)
+        if session is None:
+            return
+        if session.invite_pending:
+            self._answer(incoming, 491, "Request Pending", headers=[("Retry-After", "1")])
+            return
+        session.invite_pending = True
+        try:
+            body = self._update_media(incoming, session)
+            if body is None:
+                return
+            incoming.respond(
+                200,
+                to_tag=session.local_tag,
+                headers=[("Contact", self._contact(incoming.transport)), ("Allow", ALLOW)],
+                body=body,
+                content_type="application/sdp",
+            )
+            if session.state is State.EARLY:
+                session.state = State.CONFIRMED  # a re-INVITE implies the first ACK came
+            if await incoming.wait_ack(ACK_TIMEOUT) is None:
+                log.warning("recording %s: no ACK for the re-INVITE's 200", session.recording_id)
+        finally:
+            session.invite_pending = False
+
+    def _update_media(self, incoming: IncomingRequest, session: RecordingSession) -> bytes | None:
+        """Apply a re-INVITE/UPDATE offer; returns the answer body, or None after answering an error.
+        An offerless re-INVITE gets our last answer as the offer (RFC 3261 14.2)."""
+        request = incoming.request
+        if not request.body.strip():
+            return session.last_answer
+        try:
+            offer = sdp_bridge.parse_bridge_offer(sdp_bridge.parse_sdp(request.body, request.content_type))
+        except sdp_bridge.OfferError as exc:
+            # The session keeps its current media (RFC 3264 8: a rejected offer changes nothing).
+            log.info("recording %s: re-offer rejected: %s", session.recording_id, exc.reason)
+            self._answer(incoming, exc.status, exc.reason)
+            return None
+        try:
+            self._apply_offer(session, offer)
+        except (OSError, ValueError) as exc:
+            log.error("recording %s: cannot apply re-offer: %s", session.recording_id, exc)
+            self._answer(incoming, 488, "Media update failed")
+            return None
+        session.sdp_version += 1
+        answer = sdp_bridge.build_answer(
+            offer,
+            self.mcp.rtp_ip,
+            session.ports,
+            session_id=session.sdp_session_id,
+            version=session.sdp_version,
+        )
+        session.last_answer = answer.to_bytes()
+        log.info(
+            "recording %s: media updated (caller %s, callee %s, %s/%s)",
+            session.recording_id, session.remotes[0], session.remotes[1],
+            offer.legs[0].direction, offer.legs[1].direction,
+        )  # fmt: skip
+        return session.last_answer
+
+    async def _in_dialog_other(self, incoming: IncomingRequest) -> None:
+        session = self._dialog_session(incoming)
+        if session is None:
+            return
+        request = incoming.request
+        if request.method == "UPDATE" and request.body.strip():
+            body = self._update_media(incoming, session)
+            if body is not None:
+                incoming.respond(200, body=body, content_type="application/sdp",
+                                 headers=[("Contact", self._contact(incoming.transport))])  # fmt: skip
+            return
+        self._answer(incoming, 200)
+
+    def _bye(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        session = self.sessions.get(request.call_id)
+        if session is None or session.state is State.DONE or request.to.tag != session.local_tag:
+            self._answer(incoming, 481, "Call/Transaction Does Not Exist")
+            return
+        self._answer(incoming, 200)
+        log.info("recording %s: BYE from %s", session.recording_id, incoming.source)
+        self._finalise_soon(session, "BYE")
+
+    # -- engine events --------------------------------------------------------------------------------
+    def on_engine_readable(self) -> None:
+        try:
+            events = self.engine.poll_events()
+        except Exception:
+            log.exception("rtp_core: poll_events failed")
+            return
+        for event in events:
+            try:
+                self._engine_event(*event)
+            except Exception:
+                log.exception("rtp_core: bad event %r", event)
+
+    def _engine_event(self, kind: str, engine_id: int, leg: int, payload: Any) -> None:
+        session = self.by_engine.get(engine_id)
+        if session is None:
+            return
+        label = sdp_bridge.LABELS[leg] if leg in (0, 1) else "-"
+        if kind == "started":
+            if session.media_started is None:
+                session.media_started = self.clock()
+            log.info("recording %s: RTP started on %s leg from %s", session.recording_id, label, payload)
+        elif kind == "ssrc_change":
+            log.info("recording %s: new SSRC on %s leg: %s", session.recording_id, label, payload)
+        elif kind == "dtmf":
+            digit = payload[0] if isinstance(payload, (tuple, list)) else payload
+            if leg in (0, 1) and isinstance(digit, str):
+                session.dtmf[leg].append(digit)
+            log.info("recording %s: DTMF %s on %s leg", session.recording_id, payload, label)
+        elif kind == "timeout":
+            log.warning(
+                "recording %s: no RTP for %.0f s; ending it", session.recording_id, self.mcp.media_timeout
+            )
+            self._end_soon(session, "media timeout")
+        else:
+            log.debug("recording %s: engine event %s %r", session.recording_id, kind, payload)
+
+    # -- ending and finalisation ----------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _end_soon(self, session: RecordingSession, reason: str) -> asyncio.Task[None] | None:
+        """End a session from this side: BYE towards the SIP Server, then finalise."""
+        if not session.active:
+            return self._finalising.get(session.recording_id)
+        task = self._finalise_soon(session, reason)
+        self._spawn(self._send_bye(session, reason))
+        return task
+
+    async def _send_bye(self, session: RecordingSession, reason: str) -> None:
+        dialog = session.dialog
+        if dialog is None:
+            return
+        try:
+            text = reason.replace('"', "'")
+            bye = dialog.create_request("BYE", headers=[("Reason", f'SIP;cause=200;text="{text}"')])
+            host, port, transport = dialog.next_hop()
+            response = await asyncio.wait_for(
+                self.endpoint.request(bye, (host, port), transport), BYE_TIMEOUT
+            )
+            log.info("recording %s: our BYE answered %d", session.recording_id, response.status)
+        except TimeoutError:
+            log.warning("recording %s: no answer to our BYE", session.recording_id)
+        except (SipError, OSError, ValueError) as exc:
+            log.warning("recording %s: BYE failed: %s", session.recording_id, exc)
+
+    def _finalise_soon(self, session: RecordingSession, reason: str) -> asyncio.Task[None]:
+        existing = self._finalising.get(session.recording_id)
+        if existing is not None:
+            return existing
+        session.state = State.ENDING
+        session.end_reason = reason
+        end = self.clock()
+        stats = self._close_engine(session)
+        task = self._spawn(self._store(session, stats, end))
+        self._finalising[session.recording_id] = task
+        return task
+
+    def _close_engine(self, session: RecordingSession) -> dict[str, Any] | None:
+        self.by_engine.pop(session.engine_id, None)
+        return self._safe_close(session.engine_id)
+
+    def _safe_close(self, engine_id: int) -> dict[str, Any] | None:
+        try:
+            stats: dict[str, Any] = self.engine.close_session(engine_id)
+            return stats
+        except Exception:
+            log.exception("rtp_core: close_session(%d) failed; storing the file as it is", engine_id)
+            return None
+
+    async def _store(self, session: RecordingSession, stats: dict[str, Any] | None, end: datetime) -> None:
+        """Move the file into storage and queue its event, retrying on storage errors (the file and
+        its sidecar stay in the spool meanwhile, so even a crash here loses nothing)."""
+        rid = session.recording_id
+        try:
+            key = recording_key(session.bridge.tenant, session.start, rid, session.bridge.profile.format)
+            stored = await _retry(
+                lambda: self.writer.store(session.spool_path, key), f"store recording {rid}"
+            )
+            event = build_event(
+                recording_id=rid,
+                bridge=session.bridge,
+                start=session.start,
+                end=end,
+                close_stats=stats,
+                stored=stored.to_dict(),
+                mcp=self.mcp.name,
+                codec=session.codec,
+                dtmf=session.dtmf_text(),
+            )
+            check_event(event)
+            await _retry(lambda: self.queue.put(event), f"queue event of {rid}")
+            await asyncio.to_thread(remove_sidecar, self.spool, rid)
+            self.finalised += 1
+            log.info(
+                "recording %s finalised (%s): %s, %.2f s, %d bytes",
+                rid, session.end_reason, key, event["duration"], event["size"],
+            )  # fmt: skip
+        except FileNotFoundError as exc:
+            log.error("recording %s: the spool file is gone (%s); nothing to store", rid, exc)
+        except asyncio.CancelledError:
+            log.error("recording %s: finalisation interrupted; it stays in the spool for recovery", rid)
+            raise
+        except Exception:
+            log.exception("recording %s: could not be stored; it stays in the spool for recovery", rid)
+        finally:
+            session.state = State.DONE
+            self.sessions.pop(session.call_id, None)
+            self._finalising.pop(rid, None)
+
+    async def recover(self, leftovers: list[Leftover]) -> None:
+        """Finish recordings a previous run of this MCP left in the spool (see session.py)."""
+        for left in leftovers:
+            rid = left.recording_id
+            try:
+                key = recording_key(left.bridge.tenant, left.opened, rid, left.bridge.profile.format)
+                stored = await self.writer.store(left.part_path, key)
+                event = build_event(
+                    recording_id=rid,
+                    bridge=left.bridge,
+                    start=left.opened,
+                    end=left.end,
+                    close_stats={"duration": left.wav.duration, "channels": left.wav.channels}
+                    if left.wav
+                    else None,
+                    stored=stored.to_dict(),
+                    mcp=left.mcp or self.mcp.name,
+                    codec=left.codec,
+                )
+                check_event(event)
+                await self.queue.put(event)
+                await asyncio.to_thread(remove_sidecar, self.spool, rid)
+                log.warning("recording %s recovered from the spool (%s, %.2f s)", rid, key, event["duration"])
+            except FileNotFoundError:
+                log.error("recording %s: sidecar without audio in the spool; left for an operator", rid)
+            except Exception:
+                log.exception("recording %s: recovery failed; left in the spool", rid)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop taking sessions, end every open one (BYE) and store every recording, within ``timeout``."""
+        self.accepting = False
+        active = [s for s in self.sessions.values() if s.active]
+        if active:
+            log.info("ending %d session(s) before stopping", len(active))
+        for session in active:
+            self._end_soon(session, "MCP shutting down")
+        pending = [t for t in list(self._finalising.values()) + list(self._tasks) if not t.done()]
+        if pending:
+            _, not_done = await asyncio.wait(pending, timeout=timeout)
+            if not_done:
+                log.error("%d finalisation task(s) still running at the deadline; their files stay in the spool",
+                          len(not_done))  # fmt: skip
+                for t in not_done:
+                    t.cancel()
+                await asyncio.wait(not_done, timeout=1.0)
+
+
+async def _retry(make: Callable[[], Any], what: str, *, attempts: int = 8) -> Any:
+    """Await ``make()`` with exponential backoff on OSError (the disk may be full or away a while)."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await make()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")
