@@ -188,7 +188,8 @@ class Message:
         value = self.headers.get("Max-Forwards")
         if value is None:
             return None
-        if not value.isdigit() or len(value) > 3 or int(value) > 255:
+        # 1*DIGIT, leading zeros allowed (RFC 4475 3.1.1.1 sends "0068"); range 0-255.
+        if not value.isdigit() or len(value) > 10 or int(value) > 255:
             raise SipParseError("Invalid Max-Forwards value")
         return int(value)
 
@@ -309,6 +310,10 @@ class _Head:
     def __init__(self, head: bytes) -> None:
         text = head.decode("utf-8", "surrogateescape")
         lines = _LINE_SPLIT.split(text)
+        if "\r" in text.replace("\r\n", ""):
+            # A bare CR is no line end in SIP (RFC 3261 7: CRLF) but some parsers treat it as one;
+            # passing it on would let a message mean different things to different hops.
+            raise SipParseError("Bare CR in header section")
         start = lines[0]
         self.method: str | None = None
         self.uri: SipUri | None = None

@@ -247,7 +247,7 @@ class SipUri:
             return cls._parse_tel(rest)
         if scheme not in ("sip", "sips"):
             # RFC 3261 8.2.2.1: 416 Unsupported URI Scheme
-            raise SipParseError(f"Unsupported URI scheme: {scheme[:20]}", status=416)
+            raise SipParseError(f"Unsupported URI scheme: {scheme[:40]}", status=416)
         user: str | None = None
         password: str | None = None
         # The first '@' ends the userinfo: '@' may not appear unescaped in user or password.

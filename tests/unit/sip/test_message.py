@@ -351,3 +351,9 @@ def test_framer_size_limits() -> None:
         for _ in range(20):
             framer.feed(b"X-Long-Header-Without-End: " + b"a" * 20)
     assert info.value.status == 413
+
+
+def test_bare_cr_in_header_is_rejected() -> None:
+    with pytest.raises(SipParseError) as info:
+        parse_message(INVITE.replace(b"X-CV-Tenant: acme", b"X-CV-Tenant: ac\rVia: x"))
+    assert "Bare CR" in info.value.reason
