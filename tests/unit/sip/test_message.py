@@ -357,3 +357,17 @@ def test_bare_cr_in_header_is_rejected() -> None:
     with pytest.raises(SipParseError) as info:
         parse_message(INVITE.replace(b"X-CV-Tenant: acme", b"X-CV-Tenant: ac\rVia: x"))
     assert "Bare CR" in info.value.reason
+
+
+def test_message_layer_is_sans_io() -> None:
+    import ast
+    import importlib
+
+    for name in ("errors", "uri", "headers", "message"):
+        module = importlib.import_module(f"services.sip.{name}")
+        tree = ast.parse(open(module.__file__ or "", encoding="utf-8").read())
+        imported = {
+            a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"asyncio", "socket", "time", "os", "selectors", "threading"}, name
