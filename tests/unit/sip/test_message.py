@@ -362,10 +362,11 @@ def test_bare_cr_in_header_is_rejected() -> None:
 def test_message_layer_is_sans_io() -> None:
     import ast
     import importlib
+    from pathlib import Path
 
     for name in ("errors", "uri", "headers", "message"):
         module = importlib.import_module(f"services.sip.{name}")
-        tree = ast.parse(open(module.__file__ or "", encoding="utf-8").read())
+        tree = ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8"))
         imported = {
             a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }
