@@ -39,7 +39,7 @@ async def run(
             access_log=logging.getLogger("callvault.web_services.access"),
         )
         await runner.setup()
-        site = web.TCPSite(runner, ws.host, ws.port, reuse_address=True, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        site = web.TCPSite(runner, ws.host, ws.port, reuse_address=True)
         await site.start()
         log.info("Web Services on http://%s:%d (store %s)", ws.host, ws.port, store.path)
         if ready is not None:
