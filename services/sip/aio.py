@@ -1,0 +1,703 @@
+"""asyncio glue for the SIP core: UDP and TCP on one port, driving the sans-I/O TransactionLayer.
+
+This module only moves data: bytes in -> ``parse_message`` / ``StreamFramer`` -> the transaction
+layer -> messages out and events to the TU; one ``call_at`` timer is re-armed at the layer's
+``next_timer()`` after every step. Everything protocol-related lives in ``transaction.py``.
+
+Robustness rules: a malformed datagram whose request line can still be read is answered with the
+``SipParseError``'s status (400 unless more specific) and its reason, anything else is dropped, with
+a warning either way; a framing error on TCP is answered the same way and the connection closed.
+Every incoming message and every handler is wrapped so that nothing takes the endpoint down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import InvalidStateError, SipParseError
+from .message import Request, Response, StreamFramer, make_response, new_tag, parse_message
+from .timers import DEFAULT_TIMERS, TimerConfig, is_reliable
+from .transaction import (
+    AckReceived,
+    AckTimeout,
+    CancelReceived,
+    ClientTransaction,
+    InviteServerTransaction,
+    RequestReceived,
+    ResponseReceived,
+    Send,
+    ServerTransaction,
+    StrayResponse,
+    TransactionLayer,
+    TransactionState,
+    TransactionTerminated,
+    prepend_via,
+)
+from .uri import SipUri
+
+__all__ = ["ClientRequest", "IncomingRequest", "SipEndpoint"]
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+RequestHandler = Callable[["IncomingRequest"], Awaitable[None] | None]
+AckHandler = Callable[[Request, Address, str], None]
+
+_CONNECT_TIMEOUT = 5.0
+_REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) +(\S+) +SIP/(\d+\.\d+)")
+_COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID"}
+_ECHOED = {"via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
+
+
+def error_response_for(data: bytes, status: int, reason: str) -> bytes | None:
+    """A best-effort error response to bytes that failed to parse (8.2.6, 21.4.1).
+
+    Returns None unless the first line is a readable request line (never answers a response or
+    an ACK). Via, From, To, Call-ID and CSeq are echoed as they are, so the client can match it.
+    """
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    lines = [line.rstrip(b"\r").decode("utf-8", "replace") for line in head.split(b"\n")]
+    while lines and not lines[0].strip():
+        lines.pop(0)  # RFC 3261 7.5: leading CRLFs are ignored
+    if not lines:
+        return None
+    m = _REQUEST_LINE.fullmatch(lines[0].strip())
+    if m is None or m.group(1).upper() == "ACK":
+        return None
+    out = [f"SIP/2.0 {status} {' '.join(reason.split())[:120] or 'Bad Request'}"]
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        key = name.strip().lower()
+        canonical = _COMPACT.get(key) or _ECHOED.get(key)
+        if canonical is None:
+            continue
+        value = value.strip()
+        if canonical == "To" and ";tag=" not in value.replace(" ", "").lower():
+            value += f";tag={new_tag()}"  # 8.2.6.2
+        out.append(f"{canonical}: {value}")
+    out.append("Content-Length: 0")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8")
+
+
+class ClientRequest:
+    """A request sent in a client transaction; await :meth:`final` for its final response."""
+
+    def __init__(
+        self,
+        endpoint: SipEndpoint,
+        request: Request,
+        transaction: ClientTransaction,
+        on_provisional: Callable[[Response], None] | None,
+    ) -> None:
+        self.request = request
+        self.transaction = transaction
+        self.on_provisional = on_provisional
+        self.provisional: list[Response] = []
+        self._endpoint = endpoint
+        self._final: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"<ClientRequest {self.request.method} {self.request.uri} {self.transaction.state.value}>"
+
+    async def final(self) -> Response:
+        """The final response; a timeout (timer B/F) or transport error comes back as a synthetic
+        408 / 503 response (RFC 3261 8.1.3.1)."""
+        return await asyncio.shield(self._final)
+
+    @property
+    def done(self) -> bool:
+        """True once the final response is known."""
+        return self._final.done()
+
+    def cancel(self) -> None:
+        """RFC 3261 9.1: send CANCEL (deferred until a provisional response arrived; nothing once
+        the final response did). The INVITE then normally ends with 487."""
+        self._endpoint._cancel(self.transaction)
+
+    def _on_response(self, response: Response) -> None:
+        if response.status < 200:
+            self.provisional.append(response)
+            if self.on_provisional is not None:
+                try:
+                    self.on_provisional(response)
+                except Exception:
+                    log.exception("on_provisional callback failed for %s", self.request.method)
+        elif not self._final.done():
+            self._final.set_result(response)
+        else:
+            log.info("%s: further %d (another fork) ignored", self.transaction.id, response.status)
+
+
+class IncomingRequest:
+    """A new request from the network, answered through its server transaction."""
+
+    def __init__(self, endpoint: SipEndpoint, event: RequestReceived) -> None:
+        self.request = event.request
+        self.source = event.source
+        self.transport = event.transport
+        self.transaction: ServerTransaction = event.transaction
+        self.cancelled = asyncio.Event()
+        self.final_response: Response | None = None
+        self._endpoint = endpoint
+        self._to_tag: str | None = None
+        self._ack: asyncio.Future[Request | None] | None = None
+        self._waiting_ack = False
+
+    def __repr__(self) -> str:
+        return f"<IncomingRequest {self.request.method} {self.request.uri} from {self.source}>"
+
+    @property
+    def to_tag(self) -> str:
+        """The To tag of our responses: the request's own tag (in-dialog) or one generated once,
+        so every response to this request (180, 200 ...) shares it (8.2.6.2)."""
+        if self._to_tag is None:
+            self._to_tag = self.request.to.tag or new_tag()
+        return self._to_tag
+
+    @property
+    def answered(self) -> bool:
+        """True once a final response was sent."""
+        return self.final_response is not None
+
+    def respond(
+        self,
+        status: int,
+        reason: str | None = None,
+        *,
+        to_tag: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        content_type: str | None = None,
+    ) -> Response:
+        """Build a response (``make_response``; the To tag defaults to :attr:`to_tag` for anything
+        but 100) and send it. Raises InvalidStateError when the transaction cannot send it."""
+        if to_tag is None and status > 100 and self.request.to.tag is None:
+            to_tag = self.to_tag
+        response = make_response(
+            self.request, status, reason, to_tag=to_tag, headers=headers, body=body, content_type=content_type
+        )
+        self.send(response)
+        return response
+
+    def send(self, response: Response) -> None:
+        """Send a built response as is (a proxy forwarding a downstream response)."""
+        if (
+            response.status >= 200
+            and self.request.method == "INVITE"
+            and response.status < 300
+            and self._ack is None
+        ):
+            self._ack = asyncio.get_running_loop().create_future()
+        self._endpoint._respond(self.transaction, response)
+        if response.status >= 200:
+            self.final_response = response
+
+    async def wait_ack(self, timeout: float = 32.0) -> Request | None:
+        """After a 2xx to INVITE: the ACK, or None when it did not come within ``timeout`` (or the
+        transaction gave up after 64*T1). An ACK that arrived before the call is returned too."""
+        if self._ack is None:
+            raise InvalidStateError("wait_ack() needs a 2xx response to an INVITE first")
+        self._waiting_ack = True
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ack), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiting_ack = False
+
+    def _ack_arrived(self, ack: Request | None) -> bool:
+        """Record the ACK (None: timed out); True when a wait_ack() caller takes it."""
+        if self._ack is not None and not self._ack.done():
+            self._ack.set_result(ack)
+        return self._waiting_ack
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.endpoint._on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: UDP error: %s", self.endpoint.name, exc)
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One TCP connection, incoming or outgoing, framed with StreamFramer (RFC 3261 18.3)."""
+
+    def __init__(self, endpoint: SipEndpoint, remote: Address | None = None) -> None:
+        self.endpoint = endpoint
+        self.remote = remote
+        self.framer = StreamFramer()
+        self.transport: asyncio.Transport | None = None
+        self.closing = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        if self.remote is None:
+            peer = transport.get_extra_info("peername")
+            self.remote = (peer[0], peer[1])
+        self.endpoint._connections[self.remote] = self
+        log.debug("%s: TCP connection with %s:%s", self.endpoint.name, *self.remote)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.remote is not None
+        try:
+            messages = self.framer.feed(data)
+        except SipParseError as exc:
+            self.endpoint._malformed(data, exc, self.remote, "tcp")
+            self.close()
+            return
+        except Exception:
+            log.exception("%s: TCP framing failed, closing %s:%s", self.endpoint.name, *self.remote)
+            self.close()
+            return
+        for message in messages:
+            self.endpoint._on_message(message, self.remote, "tcp")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.remote is not None and self.endpoint._connections.get(self.remote) is self:
+            del self.endpoint._connections[self.remote]
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class SipEndpoint:
+    """A SIP endpoint on one address: UDP and TCP on the same port, one TransactionLayer.
+
+    ``timers`` shrinks T1 and friends for tests; ``advertised_host`` is the host written in Via and
+    Contact (defaults to ``host``, or 127.0.0.1 when binding a wildcard address).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 5060,
+        udp: bool = True,
+        tcp: bool = True,
+        name: str = "sip",
+        timers: TimerConfig | None = None,
+        advertised_host: str | None = None,
+    ) -> None:
+        if not (udp or tcp):
+            raise ValueError("SipEndpoint needs UDP, TCP or both")
+        self.host = host
+        self.port = port
+        self.name = name
+        self.udp = udp
+        self.tcp = tcp
+        self.advertised_host = advertised_host or ("127.0.0.1" if host in ("0.0.0.0", "", "::") else host)
+        self.layer = TransactionLayer(timers or DEFAULT_TIMERS)
+        self.request_handler: RequestHandler | None = None
+        self.ack_handler: AckHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: dict[Address, _TcpConnection] = {}
+        self._pending_tcp: dict[Address, list[tuple[bytes, Send | None]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._incoming: dict[ServerTransaction, IncomingRequest] = {}
+        self._clients: dict[ClientTransaction, ClientRequest] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._flushing = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SipEndpoint {self.name} {self.host}:{self.port}>"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind UDP and TCP on the same port (port 0: one free for both)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        attempts = 20 if self.port == 0 and self.udp and self.tcp else 1
+        for attempt in range(attempts):
+            udp: asyncio.DatagramTransport | None = None
+            try:
+                port = self.port
+                if self.udp:
+                    udp, _ = await loop.create_datagram_endpoint(
+                        lambda: _UdpProtocol(self), local_addr=(self.host, port)
+                    )
+                    port = udp.get_extra_info("sockname")[1]
+                if self.tcp:
+                    self._server = await loop.create_server(
+                        lambda: _TcpConnection(self), self.host, port, reuse_address=True
+                    )
+                    port = self._server.sockets[0].getsockname()[1]
+            except OSError:
+                if udp is not None:
+                    udp.close()
+                if attempt == attempts - 1:
+                    raise
+                continue  # the UDP port picked by the kernel was taken for TCP: try another
+            self._udp = udp
+            self.port = port
+            break
+        log.info(
+            "%s: listening on %s:%s (%s)",
+            self.name,
+            self.host,
+            self.port,
+            "+".join(t for t, on in (("udp", self.udp), ("tcp", self.tcp)) if on),
+        )
+
+    async def close(self) -> None:
+        """Stop listening, close connections, cancel handler tasks and pending requests."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._udp is not None:
+            self._udp.close()
+        if self._server is not None:
+            self._server.close()
+        connections = list(self._connections.values())
+        for conn in connections:
+            conn.close()
+        if connections:
+            await asyncio.wait([c.closed for c in connections], timeout=1.0)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for client in self._clients.values():
+            if not client._final.done():
+                client._final.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("%s: closed", self.name)
+
+    # -- TU API -------------------------------------------------------------------------------
+    def _now(self) -> float:
+        assert self._loop is not None, "SipEndpoint.start() was not called"
+        return self._loop.time()
+
+    def start_request(
+        self,
+        request: Request,
+        dest: Address,
+        transport: str = "udp",
+        *,
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> ClientRequest:
+        """Send ``request`` (a copy, with this endpoint's Via on top: fresh branch, ``;rport``, and
+        Max-Forwards 70 if missing) in a new client transaction."""
+        transport = transport.lower()
+        request = request.copy()
+        prepend_via(request, self.advertised_host, self.port, transport)
+        if "Max-Forwards" not in request.headers:
+            request.headers.add("Max-Forwards", "70")
+        txn, sends = self.layer.send_request(request, dest, transport, self._now())
+        client = ClientRequest(self, request, txn, on_provisional)
+        self._clients[txn] = client
+        self._flush(sends)
+        return client
+
+    async def request(
+        self,
+        request: Request,
+        dest: Address,
+        transport: str = "udp",
+        *,
+        on_provisional: Callable[[Response], None] | None = None,
+    ) -> Response:
+        """``start_request(...).final()``."""
+        return await self.start_request(request, dest, transport, on_provisional=on_provisional).final()
+
+    def send_ack(self, ack: Request, dest: Address, transport: str = "udp") -> None:
+        """Send the ACK of a 2xx (no transaction; a copy with our Via prepended). The endpoint
+        re-sends it whenever that 2xx is retransmitted (13.2.2.4)."""
+        transport = transport.lower()
+        ack = ack.copy()
+        prepend_via(ack, self.advertised_host, self.port, transport)
+        if "Max-Forwards" not in ack.headers:
+            ack.headers.add("Max-Forwards", "70")
+        self._flush(self.layer.send_ack(ack, dest, transport, self._now()))
+
+    def send_stateless(self, message: Request | Response, dest: Address, transport: str = "udp") -> None:
+        """Send a message as is, outside any transaction."""
+        self._flush([Send(message, dest, transport.lower())])
+
+    def contact_uri(self, user: str | None = None, transport: str = "udp") -> SipUri:
+        """A Contact URI for this endpoint (``;transport=tcp`` unless UDP)."""
+        params: dict[str, str | None] = {}
+        if transport.lower() != "udp":
+            params["transport"] = transport.lower()
+        return SipUri("sip", user, None, self.advertised_host, self.port, params, {})
+
+    # -- called by ClientRequest / IncomingRequest ---------------------------------------------
+    def _cancel(self, transaction: ClientTransaction) -> None:
+        self._flush(self.layer.cancel(transaction, self._now()))
+
+    def _respond(self, transaction: ServerTransaction, response: Response) -> None:
+        self._flush(self.layer.respond(transaction, response, self._now()))
+
+    # -- input ----------------------------------------------------------------------------------
+    def _on_datagram(self, data: bytes, source: Address) -> None:
+        if not data.strip(b"\r\n \t\0"):
+            return  # keep-alive (RFC 5626 4.4.1: CRLF) or padding
+        try:
+            message = parse_message(data)
+        except SipParseError as exc:
+            self._malformed(data, exc, source, "udp")
+            return
+        except Exception:
+            log.exception("%s: parser failed on a datagram from %s:%s", self.name, *source)
+            return
+        self._on_message(message, source, "udp")
+
+    def _malformed(self, data: bytes, exc: SipParseError, source: Address, transport: str) -> None:
+        reply = error_response_for(data, exc.status, exc.reason)
+        log.warning(
+            "%s: malformed message from %s:%s/%s: %s (%s)",
+            self.name,
+            source[0],
+            source[1],
+            transport,
+            exc,
+            "answered" if reply else "dropped",
+        )
+        if reply is not None:
+            self._send_bytes(reply, source, transport, None)
+
+    def _on_message(self, message: Request | Response, source: Address, transport: str) -> None:
+        if self._closed:
+            return
+        try:
+            sends = self.layer.receive(message, source, transport, self._now())
+        except SipParseError as exc:
+            # Parsed, but a header the layer needs is broken (CSeq, Via, From ...).
+            self._reject(message, exc, source, transport)
+            return
+        except Exception:
+            log.exception("%s: failed to process a message from %s:%s", self.name, *source)
+            return
+        self._flush(sends)
+
+    def _reject(
+        self, message: Request | Response, exc: SipParseError, source: Address, transport: str
+    ) -> None:
+        log.warning("%s: bad message from %s:%s/%s: %s", self.name, source[0], source[1], transport, exc)
+        if not isinstance(message, Request) or message.method == "ACK":
+            return
+        try:
+            data = message.to_bytes()
+        except Exception:
+            return
+        reply = error_response_for(data, exc.status, exc.reason)
+        if reply is not None:
+            self._send_bytes(reply, source, transport, None)
+
+    # -- output ---------------------------------------------------------------------------------
+    def _flush(self, sends: list[Send]) -> None:
+        """Send, deliver the layer's events, re-arm the timer (re-entrant: nested calls queue)."""
+        queue = list(sends)
+        for send in queue:  # transport errors append to the queue while iterating
+            try:
+                data = send.message.to_bytes()
+            except Exception:
+                log.exception("%s: cannot serialise a %s", self.name, type(send.message).__name__)
+                continue
+            if not self._send_bytes(data, send.dest, send.transport, send):
+                queue.extend(self.layer.transport_error(send.transaction, self._now()))
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            self._dispatch_events()
+        finally:
+            self._flushing = False
+        self._rearm()
+
+    def _send_bytes(self, data: bytes, dest: Address, transport: str, send: Send | None) -> bool:
+        """Send now (UDP) or queue on a TCP connection; False on an immediate failure."""
+        if self._closed:
+            return True
+        if not is_reliable(transport):
+            if self._udp is None:
+                log.warning("%s: no UDP socket to send to %s:%s", self.name, *dest)
+                return False
+            try:
+                self._udp.sendto(data, dest)
+            except OSError as exc:
+                log.warning("%s: UDP send to %s:%s failed: %s", self.name, dest[0], dest[1], exc)
+                return False
+            return True
+        conn = self._connections.get(dest)
+        if conn is not None and not conn.closing:
+            conn.write(data)
+            return True
+        pending = self._pending_tcp.get(dest)
+        if pending is not None:
+            pending.append((data, send))  # a connect is under way
+            return True
+        self._pending_tcp[dest] = [(data, send)]
+        assert self._loop is not None
+        task = self._loop.create_task(self._connect(dest))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _connect(self, dest: Address) -> None:
+        assert self._loop is not None
+        try:
+            await asyncio.wait_for(
+                self._loop.create_connection(lambda: _TcpConnection(self, dest), dest[0], dest[1]),
+                _CONNECT_TIMEOUT,
+            )
+        except (OSError, TimeoutError) as exc:
+            pending = self._pending_tcp.pop(dest, [])
+            log.warning("%s: TCP connect to %s:%s failed: %s", self.name, dest[0], dest[1], exc)
+            now = self._now()
+            sends: list[Send] = []
+            failed: set[int] = set()
+            for _, send in pending:
+                txn = send.transaction if send is not None else None
+                if txn is not None and id(txn) not in failed:
+                    failed.add(id(txn))
+                    sends += self.layer.transport_error(txn, now)
+            self._flush(sends)
+            return
+        conn = self._connections.get(dest)
+        for data, _ in self._pending_tcp.pop(dest, []):
+            if conn is not None:
+                conn.write(data)
+
+    def _rearm(self) -> None:
+        """Keep exactly one loop timer, at the layer's next deadline."""
+        if self._closed or self._loop is None:
+            return
+        when = self.layer.next_timer()
+        if when == self._timer_when and (self._timer is not None or when is None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        when = self._timer_when
+        self._timer = None
+        self._timer_when = None
+        # call_at may run up to one clock tick early: never pass a "now" before the deadline.
+        now = max(self._now(), when or 0.0)
+        try:
+            sends = self.layer.handle_timers(now)
+        except Exception:
+            log.exception("%s: timer processing failed", self.name)
+            sends = []
+        self._flush(sends)
+
+    # -- events for the TU -------------------------------------------------------------------------
+    def _dispatch_events(self) -> None:
+        while True:
+            events = self.layer.drain_events()
+            if not events:
+                return
+            for event in events:
+                try:
+                    self._dispatch(event)
+                except Exception:
+                    log.exception("%s: failed to deliver %s", self.name, type(event).__name__)
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, RequestReceived):
+            incoming = IncomingRequest(self, event)
+            self._incoming[event.transaction] = incoming
+            if self.request_handler is None:
+                incoming.respond(501, "Not Implemented")
+                return
+            self._spawn(self._run_handler(incoming))
+        elif isinstance(event, ResponseReceived):
+            client = self._clients.get(event.transaction)
+            if client is not None:
+                client._on_response(event.response)
+        elif isinstance(event, CancelReceived):
+            incoming = self._incoming.get(event.transaction)
+            if incoming is not None:
+                incoming.cancelled.set()
+        elif isinstance(event, AckReceived):
+            self._on_ack(event)
+        elif isinstance(event, AckTimeout):
+            log.warning("%s: no ACK for %d to %s", self.name, event.response.status, event.transaction.id)
+            incoming = self._incoming.get(event.transaction)
+            if incoming is not None:
+                incoming._ack_arrived(None)
+        elif isinstance(event, TransactionTerminated):
+            txn = event.transaction
+            self._clients.pop(txn, None)  # type: ignore[call-overload]
+            self._incoming.pop(txn, None)  # type: ignore[call-overload]
+        elif isinstance(event, StrayResponse):
+            log.debug("%s: stray %d response from %s:%s", self.name, event.response.status, *event.source)
+
+    def _on_ack(self, event: AckReceived) -> None:
+        incoming = self._incoming.get(event.transaction) if event.transaction is not None else None
+        if incoming is not None and incoming._ack_arrived(event.ack):
+            return  # taken by wait_ack()
+        if self.ack_handler is not None:
+            self.ack_handler(event.ack, event.source, event.transport)
+        elif incoming is None:
+            log.debug("%s: ACK for %s without a handler", self.name, event.ack.call_id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, incoming: IncomingRequest) -> None:
+        handler = self.request_handler
+        assert handler is not None
+        try:
+            result = handler(incoming)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "%s: handler failed for %s from %s:%s", self.name, incoming.request.method, *incoming.source
+            )
+            txn = incoming.transaction
+            if not incoming.answered and txn.state is not TransactionState.TERMINATED:
+                try:
+                    incoming.respond(500, "Server Internal Error")
+                except InvalidStateError:
+                    pass
+
+    # -- introspection for tests and health --------------------------------------------------------
+    @property
+    def connections(self) -> list[Address]:
+        """Remote addresses of the open TCP connections."""
+        return list(self._connections)
+
+    def pending_server_transactions(self) -> list[InviteServerTransaction | ServerTransaction]:
+        """Server transactions not yet terminated."""
+        return list(self.layer.servers.values())

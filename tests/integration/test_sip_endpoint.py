@@ -1,0 +1,292 @@
+"""SipEndpoint on real sockets (127.0.0.1, port 0): two endpoints call each other over UDP and TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.sip.aio import IncomingRequest, SipEndpoint
+from services.sip.dialog import Dialog
+from services.sip.message import Request, Response, new_call_id, new_tag, parse_message
+from services.sip.timers import TimerConfig
+
+FAST = TimerConfig(t1=0.02, t2=0.16, t4=0.2, timer_d=0.5)
+TRANSPORTS = ["udp", "tcp"]
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[SipEndpoint, SipEndpoint]]:
+    alice = SipEndpoint(host="127.0.0.1", port=0, name="alice", timers=FAST)
+    bob = SipEndpoint(host="127.0.0.1", port=0, name="bob", timers=FAST)
+    await alice.start()
+    await bob.start()
+    try:
+        yield alice, bob
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+def new_request(method: str, src: SipEndpoint, dst: SipEndpoint, transport: str = "udp") -> Request:
+    uri = f"sip:bob@127.0.0.1:{dst.port}" + (";transport=tcp" if transport == "tcp" else "")
+    return Request(
+        method,
+        uri,
+        [
+            ("From", f"<sip:alice@127.0.0.1>;tag={new_tag()}"),
+            ("To", "<sip:bob@127.0.0.1>"),
+            ("Call-ID", new_call_id("127.0.0.1")),
+            ("CSeq", f"1 {method}"),
+            ("Contact", f"<{src.contact_uri('alice', transport)}>"),
+        ],
+    )
+
+
+def addr(endpoint: SipEndpoint) -> tuple[str, int]:
+    return ("127.0.0.1", endpoint.port)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_invite_ringing_answer_ack_bye(pair: tuple[SipEndpoint, SipEndpoint], transport: str) -> None:
+    alice, bob = pair
+    acks: list[Request | None] = []
+    bye_seen = asyncio.Event()
+    dialogs: dict[tuple[str, str, str], Dialog] = {}
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        request = incoming.request
+        if request.method == "INVITE":
+            assert incoming.transport == transport
+            incoming.respond(180)
+            await asyncio.sleep(0.01)
+            contact = bob.contact_uri("bob", transport)
+            dialog = Dialog.from_uas(request, incoming.to_tag, local_target=contact)
+            dialogs[dialog.id] = dialog
+            incoming.respond(
+                200, headers=[("Contact", f"<{contact}>")], body=b"v=0\r\n", content_type="application/sdp"
+            )
+            acks.append(await incoming.wait_ack(timeout=2.0))
+        elif request.method == "BYE":
+            dialog = dialogs[(request.call_id, request.to.tag or "", request.from_.tag or "")]
+            dialog.receive_request(request)
+            incoming.respond(200)
+            bye_seen.set()
+
+    bob.request_handler = bob_handler
+    provisional: list[int] = []
+    invite = new_request("INVITE", alice, bob, transport)
+    client = alice.start_request(
+        invite, addr(bob), transport, on_provisional=lambda r: provisional.append(r.status)
+    )
+    final = await asyncio.wait_for(client.final(), 5)
+    assert final.status == 200
+    assert final.body == b"v=0\r\n"
+    assert provisional == [100, 180]
+    assert client.request.top_via.params["rport"] is None  # ;rport, empty (RFC 3581)
+    assert final.top_via.received == "127.0.0.1"
+    if transport == "udp":
+        assert final.top_via.rport == alice.port  # over TCP: the connection's source port
+
+    dialog = Dialog.from_uac(client.request, final)
+    host, port, hop_transport = dialog.next_hop()
+    assert (host, port, hop_transport) == ("127.0.0.1", bob.port, transport)
+    alice.send_ack(dialog.create_ack(client.request), (host, port), transport)
+    for _ in range(100):
+        if acks:
+            break
+        await asyncio.sleep(0.01)
+    assert acks and acks[0] is not None and acks[0].method == "ACK"
+    assert acks[0].cseq.seq == invite.cseq.seq
+
+    bye = dialog.create_request("BYE")
+    response = await asyncio.wait_for(alice.request(bye, (host, port), transport), 5)
+    assert response.status == 200
+    await asyncio.wait_for(bye_seen.wait(), 2)
+    if transport == "tcp":
+        assert addr(bob) in alice.connections  # the connection is reused for the whole call
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_cancel_gets_487(pair: tuple[SipEndpoint, SipEndpoint], transport: str) -> None:
+    alice, bob = pair
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        incoming.respond(180)
+        await asyncio.wait_for(incoming.cancelled.wait(), 5)
+        incoming.respond(487)
+
+    bob.request_handler = bob_handler
+    client = alice.start_request(
+        new_request("INVITE", alice, bob, transport),
+        addr(bob),
+        transport,
+        on_provisional=lambda r: client.cancel() if r.status == 180 else None,
+    )
+    final = await asyncio.wait_for(client.final(), 5)
+    assert final.status == 487
+
+
+async def test_cancel_without_transaction_gets_481(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    cancel = new_request("CANCEL", alice, bob)
+    response = await asyncio.wait_for(alice.request(cancel, addr(bob)), 5)
+    assert response.status == 481
+
+
+@pytest.mark.parametrize("method", ["INVITE", "OPTIONS"])
+async def test_timeout_is_a_synthetic_408(pair: tuple[SipEndpoint, SipEndpoint], method: str) -> None:
+    alice, _ = pair
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        request = new_request(method, alice, alice)
+        response = await asyncio.wait_for(alice.request(request, silent.getsockname()), 5)
+        assert response.status == 408
+        assert loop.time() - started >= 64 * FAST.t1 * 0.9
+        # Timer A/E retransmitted the request meanwhile.
+        silent.setblocking(False)
+        copies = 0
+        while True:
+            try:
+                silent.recv(65535)
+            except BlockingIOError:
+                break
+            copies += 1
+        assert copies >= 4
+    finally:
+        silent.close()
+
+
+async def test_tcp_connection_refused_is_a_synthetic_503(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    response = await asyncio.wait_for(
+        alice.request(new_request("OPTIONS", alice, bob), ("127.0.0.1", port), "tcp"), 5
+    )
+    assert response.status == 503
+
+
+class RawUdp(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait(data)
+
+
+async def test_malformed_datagram_gets_400_and_endpoint_keeps_working(
+    pair: tuple[SipEndpoint, SipEndpoint], caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = pair
+    bob.request_handler = lambda incoming: incoming.respond(200) and None
+    loop = asyncio.get_running_loop()
+    transport, raw = await loop.create_datagram_endpoint(RawUdp, local_addr=("127.0.0.1", 0))
+    try:
+        broken = (
+            b"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKbroken\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c1\r\n"
+            b"CSeq: one OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        )
+        transport.sendto(broken, addr(bob))
+        reply = (await asyncio.wait_for(raw.received.get(), 2)).decode()
+        status_line, *header_lines = reply.split("\r\n")
+        assert status_line.startswith("SIP/2.0 400 ") and "CSeq" in status_line
+        # The identifying headers are echoed as they came, so the client can match the answer.
+        assert "Call-ID: c1" in header_lines
+        assert "Via: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKbroken" in header_lines
+        assert "CSeq: one OPTIONS" in header_lines
+        # Garbage without a request line: dropped (no answer), warned about.
+        transport.sendto(b"\x00\xffnot sip at all\r\n\r\n", addr(bob))
+        transport.sendto(b"SIP/2.0 200 OK\r\nbroken\r\n\r\n", addr(bob))
+        await asyncio.sleep(0.1)
+        assert raw.received.empty()
+        assert any("malformed" in r.getMessage() for r in caplog.records)
+    finally:
+        transport.close()
+    response = await asyncio.wait_for(alice.request(new_request("OPTIONS", alice, bob), addr(bob)), 5)
+    assert response.status == 200
+
+
+async def test_tcp_framing_error_is_answered_and_closed(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    _, bob = pair
+    reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+    try:
+        writer.write(
+            b"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKnolength\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c2\r\nCSeq: 1 OPTIONS\r\n\r\n"
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 2)  # read() to EOF: the endpoint closes
+        reply = parse_message(data)
+        assert isinstance(reply, Response) and reply.status == 400
+        assert "Content-Length" in reply.reason
+    finally:
+        writer.close()
+
+
+async def test_handler_exception_answers_500(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+
+    async def broken(incoming: IncomingRequest) -> None:
+        raise RuntimeError("handler bug")
+
+    bob.request_handler = broken
+    response = await asyncio.wait_for(alice.request(new_request("OPTIONS", alice, bob), addr(bob)), 5)
+    assert response.status == 500
+    bob.request_handler = lambda incoming: incoming.respond(200) and None
+    response = await asyncio.wait_for(alice.request(new_request("OPTIONS", alice, bob), addr(bob)), 5)
+    assert response.status == 200
+
+
+async def test_no_handler_answers_501(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    response = await asyncio.wait_for(alice.request(new_request("OPTIONS", alice, bob), addr(bob), "tcp"), 5)
+    assert response.status == 501
+
+
+async def test_unacknowledged_2xx_is_retransmitted_then_wait_ack_gives_none(
+    pair: tuple[SipEndpoint, SipEndpoint],
+) -> None:
+    alice, bob = pair
+    result: list[Request | None] = []
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        incoming.respond(200, headers=[("Contact", f"<{bob.contact_uri('bob')}>")])
+        result.append(await incoming.wait_ack(timeout=5))
+
+    bob.request_handler = bob_handler
+    final = await asyncio.wait_for(alice.request(new_request("INVITE", alice, bob), addr(bob)), 5)
+    assert final.status == 200  # alice never ACKs
+    for _ in range(300):
+        if result:
+            break
+        await asyncio.sleep(0.01)
+    assert result == [None]  # gave up after 64*T1
+
+
+async def test_ack_handler_gets_acks_nobody_waits_for(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    seen: list[Request] = []
+    bob.ack_handler = lambda ack, source, transport: seen.append(ack)
+    bob.request_handler = lambda incoming: (
+        incoming.respond(200, headers=[("Contact", f"<{bob.contact_uri('bob')}>")]) and None
+    )
+    client = alice.start_request(new_request("INVITE", alice, bob), addr(bob))
+    final = await asyncio.wait_for(client.final(), 5)
+    dialog = Dialog.from_uac(client.request, final)
+    alice.send_ack(dialog.create_ack(client.request), dialog.next_hop()[:2])
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert len(seen) == 1 and seen[0].method == "ACK"
