@@ -1,0 +1,831 @@
+/* Engine threads: epoll + recvmmsg/sendmmsg over the legs' RTP and RTCP sockets, relay, recording
+ * into WAV files, timeouts.  Everything a session owns is touched only by its engine thread; Python
+ * reaches it through commands (rc_engine_call) and hears from it through the event queue. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#define BATCH 64
+#define PKT_MAX 2048
+#define TICK_NS 20000000LL             /* the writer runs every 20 ms */
+#define WBUF 16384                     /* per-session WAV write buffer */
+#define EVQ_MAX 65536
+
+typedef struct rc_session rc_session_t;
+
+typedef struct {
+    rc_session_t *s;
+    int leg, rtcp, fd;
+} rc_sock_t;
+
+typedef struct {
+    int added, port;
+    rc_sock_t rtp, rtcp;
+    struct sockaddr_in remote, rtcp_remote;
+    int has_remote, has_rtcp_remote, latched, rtcp_latched;
+    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors;
+} rc_leg_io_t;
+
+struct rc_session {
+    int64_t id;
+    int mode, channels, recording;
+    rc_engine_t *eng;
+    rc_rec_t rec;
+    int fd, write_errno;
+    uint8_t *wbuf;
+    size_t wlen;
+    uint64_t data_bytes;
+    rc_leg_io_t io[2];
+    int64_t last_rx, timeout_ns;
+    int timed_out;
+};
+
+typedef struct {
+    rc_engine_t *eng;
+    pthread_t tid;
+    int started, stop, dead;
+    int epfd, cmdfd;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    rc_cmd_t *head, *tail;
+    rc_session_t **sessions;
+    size_t nsess, cap;
+    struct mmsghdr msgs[BATCH], out[BATCH];
+    struct iovec iov[BATCH], oiov[BATCH];
+    struct sockaddr_in addrs[BATCH];
+    rc_rtp_t parsed[BATCH];
+    int valid[BATCH];
+    uint8_t bufs[BATCH][PKT_MAX];
+} rc_thread_t;
+
+struct rc_engine {
+    int nthreads;
+    rc_thread_t *threads;
+    struct in_addr bind_ip;
+    int port_min, port_max, port_next;
+    pthread_mutex_t port_mu;
+    pthread_mutex_t ev_mu;
+    rc_event_t *evq;
+    size_t evn, evcap;
+    uint64_t ev_dropped;
+    int evfd;
+    int stopped;
+};
+
+int64_t rc_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static double real_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- events -------------------------------------------------------------------------------- */
+
+static void push_event(rc_engine_t *e, const rc_event_t *ev)
+{
+    pthread_mutex_lock(&e->ev_mu);
+    if (e->evn == e->evcap) {
+        size_t cap = e->evcap ? e->evcap * 2 : 64;
+        rc_event_t *q = cap <= EVQ_MAX ? realloc(e->evq, cap * sizeof *q) : NULL;
+        if (!q) {
+            e->ev_dropped++;
+            pthread_mutex_unlock(&e->ev_mu);
+            return;
+        }
+        e->evq = q;
+        e->evcap = cap;
+    }
+    e->evq[e->evn++] = *ev;
+    if (e->evn == 1) {
+        uint64_t one = 1;
+        ssize_t w = write(e->evfd, &one, sizeof one);
+        (void)w;
+    }
+    pthread_mutex_unlock(&e->ev_mu);
+}
+
+static void session_event(void *ctx, const rc_event_t *ev)
+{
+    rc_session_t *s = ctx;
+    push_event(s->eng, ev);
+}
+
+size_t rc_engine_take_events(rc_engine_t *e, rc_event_t **out)
+{
+    size_t n;
+    uint64_t v;
+    pthread_mutex_lock(&e->ev_mu);
+    n = e->evn;
+    *out = NULL;
+    if (n) {
+        *out = malloc(n * sizeof **out);
+        if (*out) {
+            memcpy(*out, e->evq, n * sizeof **out);
+            e->evn = 0;
+        } else {
+            n = 0;
+        }
+    }
+    if (e->evn == 0) {
+        ssize_t r = read(e->evfd, &v, sizeof v);
+        (void)r;
+    }
+    pthread_mutex_unlock(&e->ev_mu);
+    return n;
+}
+
+int rc_engine_event_fd(const rc_engine_t *e) { return e->evfd; }
+int rc_engine_nthreads(const rc_engine_t *e) { return e->nthreads; }
+
+/* ---- WAV ----------------------------------------------------------------------------------- */
+
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { put16(p, v & 0xffff); put16(p + 2, v >> 16); }
+
+static void wav_header(uint8_t h[44], int channels, uint32_t riff, uint32_t data)
+{
+    memcpy(h, "RIFF", 4);
+    put32(h + 4, riff);
+    memcpy(h + 8, "WAVEfmt ", 8);
+    put32(h + 16, 16);
+    put16(h + 20, 1);                            /* PCM */
+    put16(h + 22, (uint32_t)channels);
+    put32(h + 24, RC_RATE);
+    put32(h + 28, RC_RATE * 2 * (uint32_t)channels);
+    put16(h + 32, 2 * (uint32_t)channels);
+    put16(h + 34, 16);
+    memcpy(h + 36, "data", 4);
+    put32(h + 40, data);
+}
+
+static void wav_flush(rc_session_t *s)
+{
+    size_t off = 0;
+    while (off < s->wlen && s->fd >= 0 && !s->write_errno) {
+        ssize_t w = write(s->fd, s->wbuf + off, s->wlen - off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            s->write_errno = errno;
+            break;
+        }
+        off += (size_t)w;
+    }
+    s->wlen = 0;
+}
+
+static void wav_sink(void *ctx, const int16_t *pcm, size_t frames, int channels)
+{
+    rc_session_t *s = ctx;
+    size_t n = frames * (size_t)channels * 2;
+    const uint8_t *src = (const uint8_t *)pcm;   /* s16le: this engine targets little-endian hosts */
+    s->data_bytes += n;
+    while (n) {
+        size_t k = WBUF - s->wlen;
+        if (k > n)
+            k = n;
+        memcpy(s->wbuf + s->wlen, src, k);
+        s->wlen += k;
+        src += k;
+        n -= k;
+        if (s->wlen == WBUF)
+            wav_flush(s);
+    }
+}
+
+static void wav_finish(rc_session_t *s)
+{
+    uint8_t h[44];
+    uint64_t data = s->data_bytes > 0xffffffffULL - 36 ? 0xffffffffULL - 36 : s->data_bytes;
+    wav_flush(s);
+    wav_header(h, s->channels, (uint32_t)(data + 36), (uint32_t)data);
+    if (!s->write_errno && pwrite(s->fd, h, sizeof h, 0) != (ssize_t)sizeof h)
+        s->write_errno = errno ? errno : EIO;
+    if (close(s->fd) < 0 && !s->write_errno)
+        s->write_errno = errno;
+    s->fd = -1;
+}
+
+/* ---- sessions ------------------------------------------------------------------------------ */
+
+static rc_session_t *find_session(rc_thread_t *t, int64_t id, size_t *where)
+{
+    for (size_t i = 0; i < t->nsess; i++)
+        if (t->sessions[i]->id == id) {
+            if (where)
+                *where = i;
+            return t->sessions[i];
+        }
+    return NULL;
+}
+
+static void close_leg_sockets(rc_thread_t *t, rc_leg_io_t *io)
+{
+    rc_sock_t *socks[2] = {&io->rtp, &io->rtcp};
+    for (int i = 0; i < 2; i++)
+        if (socks[i]->fd >= 0) {
+            epoll_ctl(t->epfd, EPOLL_CTL_DEL, socks[i]->fd, NULL);
+            close(socks[i]->fd);
+            socks[i]->fd = -1;
+        }
+}
+
+static void fill_stats(rc_session_t *s, rc_stats_t *st)
+{
+    memset(st, 0, sizeof *st);
+    st->samples = s->rec.emitted;
+    st->channels = s->channels;
+    st->recording = s->recording;
+    st->mode = s->mode;
+    st->start = s->rec.started ? real_now() - (double)(rc_mono_ns() - s->rec.t0_ns) / 1e9 : -1.0;
+    st->wav_bytes = s->recording ? 44 + s->data_bytes : 0;
+    st->write_errno = s->write_errno;
+    for (int i = 0; i < 2; i++) {
+        rc_leg_stats_t *ls = &st->legs[i];
+        rc_leg_io_t *io = &s->io[i];
+        ls->added = io->added;
+        ls->port = io->port;
+        ls->has_remote = io->has_remote;
+        if (io->has_remote) {
+            inet_ntop(AF_INET, &io->remote.sin_addr, ls->remote_ip, sizeof ls->remote_ip);
+            ls->remote_port = ntohs(io->remote.sin_port);
+        }
+        ls->relayed = io->relayed;
+        ls->rtcp_packets = io->rtcp_packets;
+        ls->rtcp_relayed = io->rtcp_relayed;
+        ls->send_errors = io->send_errors;
+        ls->rec = s->rec.leg[i];
+        ls->rec.ring = NULL;
+        ls->rec.mask = NULL;
+    }
+}
+
+static void free_session(rc_session_t *s)
+{
+    rc_rec_free(&s->rec);
+    free(s->wbuf);
+    free(s);
+}
+
+static void close_session(rc_thread_t *t, rc_session_t *s, rc_stats_t *st)
+{
+    size_t where;
+    close_leg_sockets(t, &s->io[0]);
+    close_leg_sockets(t, &s->io[1]);
+    rc_rec_flush(&s->rec, rc_mono_ns());
+    if (s->fd >= 0)
+        wav_finish(s);
+    if (st)
+        fill_stats(s, st);
+    if (find_session(t, s->id, &where))
+        t->sessions[where] = t->sessions[--t->nsess];
+    free_session(s);
+}
+
+static int cmd_open(rc_thread_t *t, rc_cmd_t *c)
+{
+    rc_session_t *s = calloc(1, sizeof *s);
+    if (!s)
+        return ENOMEM;
+    s->id = c->session;
+    s->mode = c->mode;
+    s->channels = c->channels;
+    s->recording = c->path != NULL;
+    s->eng = t->eng;
+    s->fd = -1;
+    for (int i = 0; i < 2; i++) {
+        s->io[i].rtp.fd = s->io[i].rtcp.fd = -1;
+        s->io[i].rtp.s = s->io[i].rtcp.s = s;
+        s->io[i].rtp.leg = s->io[i].rtcp.leg = i;
+        s->io[i].rtcp.rtcp = 1;
+    }
+    if (rc_rec_init(&s->rec, c->channels, c->reorder_ms, s->recording) < 0) {
+        free(s);
+        return ENOMEM;
+    }
+    s->rec.session = s->id;
+    s->rec.on_event = session_event;
+    s->rec.sink = wav_sink;
+    s->rec.ctx = s;
+    s->timeout_ns = (int64_t)(c->timeout_s * 1e9);
+    s->last_rx = rc_mono_ns();
+    if (s->recording) {
+        uint8_t h[44];
+        s->wbuf = malloc(WBUF);
+        if (!s->wbuf) {
+            free_session(s);
+            return ENOMEM;
+        }
+        s->fd = open(c->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (s->fd < 0) {
+            int err = errno;
+            snprintf(c->msg, sizeof c->msg, "cannot open %s: %s", c->path, strerror(err));
+            free_session(s);
+            return err;
+        }
+        /* placeholder sizes ("until end of file"); rewritten by close_session */
+        wav_header(h, s->channels, 0xffffffffU, 0xffffffffU);
+        if (write(s->fd, h, sizeof h) != (ssize_t)sizeof h) {
+            int err = errno ? errno : EIO;
+            snprintf(c->msg, sizeof c->msg, "cannot write %s: %s", c->path, strerror(err));
+            close(s->fd);
+            free_session(s);
+            return err;
+        }
+    }
+    if (t->nsess == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 64;
+        rc_session_t **a = realloc(t->sessions, cap * sizeof *a);
+        if (!a) {
+            if (s->fd >= 0)
+                close(s->fd);
+            free_session(s);
+            return ENOMEM;
+        }
+        t->sessions = a;
+        t->cap = cap;
+    }
+    t->sessions[t->nsess++] = s;
+    return 0;
+}
+
+static int udp_socket(struct in_addr ip, int port, int *err)
+{
+    struct sockaddr_in a;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *err = errno;
+        return -1;
+    }
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr = ip;
+    a.sin_port = htons((uint16_t)port);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        *err = errno;
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
+{
+    rc_engine_t *e = t->eng;
+    rc_leg_io_t *io = &s->io[c->leg];
+    int err = EADDRINUSE, pairs;
+    if (io->added) {
+        snprintf(c->msg, sizeof c->msg, "leg %d of session %lld already exists", c->leg, (long long)s->id);
+        return RC_EVALUE;
+    }
+    pthread_mutex_lock(&e->port_mu);
+    pairs = (e->port_max - e->port_min + 1) / 2;
+    for (int i = 0; i < pairs; i++) {
+        int p = e->port_next, fa, fb;
+        e->port_next += 2;
+        if (e->port_next + 1 > e->port_max)
+            e->port_next = e->port_min;
+        fa = udp_socket(e->bind_ip, p, &err);
+        if (fa < 0) {
+            if (err == EADDRINUSE || err == EACCES)
+                continue;
+            break;
+        }
+        fb = udp_socket(e->bind_ip, p + 1, &err);
+        if (fb < 0) {
+            close(fa);
+            if (err == EADDRINUSE || err == EACCES)
+                continue;
+            break;
+        }
+        io->rtp.fd = fa;
+        io->rtcp.fd = fb;
+        io->port = p;
+        err = 0;
+        break;
+    }
+    pthread_mutex_unlock(&e->port_mu);
+    if (err) {
+        snprintf(c->msg, sizeof c->msg, "no free RTP port pair in %d-%d: %s", e->port_min, e->port_max,
+                 strerror(err));
+        return err;
+    }
+    {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = EPOLLIN;
+        ev.data.ptr = &io->rtp;
+        if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, io->rtp.fd, &ev) < 0)
+            err = errno;
+        ev.data.ptr = &io->rtcp;
+        if (!err && epoll_ctl(t->epfd, EPOLL_CTL_ADD, io->rtcp.fd, &ev) < 0)
+            err = errno;
+        if (err) {
+            close_leg_sockets(t, io);
+            snprintf(c->msg, sizeof c->msg, "epoll_ctl: %s", strerror(err));
+            return err;
+        }
+    }
+    io->added = 1;
+    c->result_port = io->port;
+    return 0;
+}
+
+static void cmd_set_remote(rc_session_t *s, rc_cmd_t *c)
+{
+    rc_leg_io_t *io = &s->io[c->leg];
+    io->latched = io->rtcp_latched = 0;
+    if (c->ip == 0 || c->port == 0) {
+        /* SDP placeholder (0.0.0.0 / port 9 or 0): wait for latching */
+        io->has_remote = io->has_rtcp_remote = 0;
+        return;
+    }
+    memset(&io->remote, 0, sizeof io->remote);
+    io->remote.sin_family = AF_INET;
+    io->remote.sin_addr.s_addr = c->ip;
+    io->remote.sin_port = htons((uint16_t)c->port);
+    io->rtcp_remote = io->remote;
+    io->rtcp_remote.sin_port = htons((uint16_t)(c->port + 1));
+    io->has_remote = io->has_rtcp_remote = 1;
+}
+
+static void run_command(rc_thread_t *t, rc_cmd_t *c)
+{
+    rc_session_t *s = NULL;
+    c->err = 0;
+    if (c->op == RC_CMD_STOP) {
+        while (t->nsess)
+            close_session(t, t->sessions[t->nsess - 1], NULL);
+        t->stop = 1;
+        return;
+    }
+    if (c->op == RC_CMD_OPEN) {
+        c->err = cmd_open(t, c);
+        return;
+    }
+    s = find_session(t, c->session, NULL);
+    if (!s) {
+        snprintf(c->msg, sizeof c->msg, "unknown session %lld", (long long)c->session);
+        c->err = RC_EVALUE;
+        return;
+    }
+    switch (c->op) {
+    case RC_CMD_ADD_LEG:
+        c->err = cmd_add_leg(t, s, c);
+        break;
+    case RC_CMD_SET_REMOTE:
+        cmd_set_remote(s, c);
+        break;
+    case RC_CMD_SET_PTS:
+        memcpy(s->rec.leg[c->leg].ptmap, c->ptmap, sizeof c->ptmap);
+        break;
+    case RC_CMD_SET_RECORDING:
+        rc_rec_set_recording(&s->rec, c->enabled, rc_mono_ns());
+        break;
+    case RC_CMD_STATS:
+        if (c->stats)
+            fill_stats(s, c->stats);
+        break;
+    case RC_CMD_CLOSE:
+        close_session(t, s, c->stats);
+        break;
+    default:
+        c->err = RC_EVALUE;
+        snprintf(c->msg, sizeof c->msg, "unknown command %d", c->op);
+    }
+}
+
+static void process_commands(rc_thread_t *t)
+{
+    rc_cmd_t *c;
+    uint64_t v;
+    ssize_t r = read(t->cmdfd, &v, sizeof v);
+    (void)r;
+    pthread_mutex_lock(&t->mu);
+    c = t->head;
+    t->head = t->tail = NULL;
+    pthread_mutex_unlock(&t->mu);
+    while (c) {
+        rc_cmd_t *next = c->next;
+        run_command(t, c);
+        pthread_mutex_lock(&t->mu);
+        c->done = 1;       /* the caller may free c from here on */
+        pthread_cond_broadcast(&t->cv);
+        pthread_mutex_unlock(&t->mu);
+        c = next;
+    }
+}
+
+/* ---- packets ------------------------------------------------------------------------------- */
+
+static int recv_batch(rc_thread_t *t, int fd)
+{
+    for (int i = 0; i < BATCH; i++) {
+        t->iov[i].iov_base = t->bufs[i];
+        t->iov[i].iov_len = PKT_MAX;
+        memset(&t->msgs[i].msg_hdr, 0, sizeof t->msgs[i].msg_hdr);
+        t->msgs[i].msg_hdr.msg_iov = &t->iov[i];
+        t->msgs[i].msg_hdr.msg_iovlen = 1;
+        t->msgs[i].msg_hdr.msg_name = &t->addrs[i];
+        t->msgs[i].msg_hdr.msg_namelen = sizeof t->addrs[i];
+    }
+    return recvmmsg(fd, t->msgs, BATCH, MSG_DONTWAIT, NULL);
+}
+
+static void send_batch(rc_thread_t *t, int fd, int n, uint64_t *sent, uint64_t *errors)
+{
+    int off = 0;
+    while (off < n) {
+        int r = sendmmsg(fd, t->out + off, (unsigned)(n - off), MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            /* EAGAIN (socket buffer full) or an ICMP error reported on this socket: drop one, go on */
+            (*errors)++;
+            off++;
+            continue;
+        }
+        off += r;
+        *sent += (uint64_t)r;
+    }
+}
+
+static void add_out(rc_thread_t *t, int k, int i, struct sockaddr_in *to)
+{
+    t->oiov[k].iov_base = t->bufs[i];
+    t->oiov[k].iov_len = t->msgs[i].msg_len;
+    memset(&t->out[k].msg_hdr, 0, sizeof t->out[k].msg_hdr);
+    t->out[k].msg_hdr.msg_iov = &t->oiov[k];
+    t->out[k].msg_hdr.msg_iovlen = 1;
+    t->out[k].msg_hdr.msg_name = to;
+    t->out[k].msg_hdr.msg_namelen = sizeof *to;
+}
+
+static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
+{
+    rc_session_t *s = k->s;
+    int L = k->leg, n, nout = 0, any = 0;
+    rc_leg_io_t *me = &s->io[L], *peer = &s->io[1 - L];
+    int relay = s->mode == RC_MODE_BRIDGE && peer->added && peer->has_remote;
+    int64_t now;
+    n = recv_batch(t, k->fd);
+    if (n <= 0)
+        return;
+    now = rc_mono_ns();
+    for (int i = 0; i < n; i++) {
+        t->valid[i] = !(t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) &&
+                      rc_parse_rtp(t->bufs[i], t->msgs[i].msg_len, &t->parsed[i]) == 0;
+        if (!t->valid[i]) {
+            s->rec.leg[L].invalid++;
+            continue;
+        }
+        any = 1;
+        if (!me->latched) {
+            me->remote = t->addrs[i];
+            me->has_remote = me->latched = 1;
+        }
+        if (relay)
+            add_out(t, nout++, i, &peer->remote);
+    }
+    if (nout)
+        send_batch(t, peer->rtp.fd, nout, &peer->relayed, &peer->send_errors);
+    for (int i = 0; i < n; i++) {
+        char ip[48];
+        const char *ipp = NULL;
+        if (!t->valid[i])
+            continue;
+        if (!s->rec.leg[L].started) {
+            inet_ntop(AF_INET, &t->addrs[i].sin_addr, ip, sizeof ip);
+            ipp = ip;
+        }
+        rc_rec_packet(&s->rec, L, now, &t->parsed[i], ipp, ntohs(t->addrs[i].sin_port));
+    }
+    if (any) {
+        s->last_rx = now;
+        s->timed_out = 0;
+    }
+}
+
+static void handle_rtcp(rc_thread_t *t, rc_sock_t *k)
+{
+    rc_session_t *s = k->s;
+    int L = k->leg, n, nout = 0;
+    rc_leg_io_t *me = &s->io[L], *peer = &s->io[1 - L];
+    int relay = s->mode == RC_MODE_BRIDGE && peer->added && peer->has_rtcp_remote;
+    n = recv_batch(t, k->fd);
+    for (int i = 0; i < n; i++) {
+        /* RFC 3550 6.4: version 2, at least a header and an SSRC */
+        if ((t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) || t->msgs[i].msg_len < 8 || (t->bufs[i][0] >> 6) != 2) {
+            s->rec.leg[L].invalid++;
+            continue;
+        }
+        me->rtcp_packets++;
+        if (!me->rtcp_latched) {
+            me->rtcp_remote = t->addrs[i];
+            me->has_rtcp_remote = me->rtcp_latched = 1;
+        }
+        if (relay)
+            add_out(t, nout++, i, &peer->rtcp_remote);
+    }
+    if (nout)
+        send_batch(t, peer->rtcp.fd, nout, &peer->rtcp_relayed, &peer->send_errors);
+}
+
+static void tick_all(rc_thread_t *t, int64_t now)
+{
+    for (size_t i = 0; i < t->nsess; i++) {
+        rc_session_t *s = t->sessions[i];
+        if (s->recording)
+            rc_rec_tick(&s->rec, now);
+        if (!s->timed_out && s->timeout_ns > 0 && now - s->last_rx >= s->timeout_ns) {
+            rc_event_t ev;
+            memset(&ev, 0, sizeof ev);
+            ev.kind = RC_EV_TIMEOUT;
+            ev.session = s->id;
+            ev.leg = -1;
+            s->timed_out = 1;
+            push_event(t->eng, &ev);
+        }
+    }
+}
+
+static void *thread_main(void *arg)
+{
+    rc_thread_t *t = arg;
+    struct epoll_event evs[256];
+    int64_t next_tick = rc_mono_ns() + TICK_NS;
+    while (!t->stop) {
+        int64_t now = rc_mono_ns();
+        int timeout = next_tick > now ? (int)((next_tick - now + 999999) / 1000000) : 0;
+        int n = epoll_wait(t->epfd, evs, 256, timeout), cmds = 0;
+        for (int i = 0; i < n; i++) {
+            rc_sock_t *k = evs[i].data.ptr;
+            if (!k)
+                cmds = 1;
+            else if (k->rtcp)
+                handle_rtcp(t, k);
+            else
+                handle_rtp(t, k);
+        }
+        /* after the socket events: a command may close sessions those events point to */
+        if (cmds)
+            process_commands(t);
+        now = rc_mono_ns();
+        if (now >= next_tick) {
+            tick_all(t, now);
+            next_tick += TICK_NS;
+            if (next_tick <= now)
+                next_tick = now + TICK_NS;
+        }
+    }
+    pthread_mutex_lock(&t->mu);
+    t->dead = 1;
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+/* ---- engine -------------------------------------------------------------------------------- */
+
+int rc_engine_call(rc_engine_t *e, rc_cmd_t *c)
+{
+    rc_thread_t *t = &e->threads[(uint64_t)c->session % (uint64_t)e->nthreads];
+    uint64_t one = 1;
+    ssize_t w;
+    c->done = 0;
+    c->err = 0;
+    c->msg[0] = 0;
+    c->next = NULL;
+    pthread_mutex_lock(&t->mu);
+    if (t->dead || !t->started) {
+        pthread_mutex_unlock(&t->mu);
+        snprintf(c->msg, sizeof c->msg, "the engine is closed");
+        return c->err = RC_EVALUE;
+    }
+    if (t->tail)
+        t->tail->next = c;
+    else
+        t->head = c;
+    t->tail = c;
+    pthread_mutex_unlock(&t->mu);
+    w = write(t->cmdfd, &one, sizeof one);
+    (void)w;
+    pthread_mutex_lock(&t->mu);
+    while (!c->done)
+        pthread_cond_wait(&t->cv, &t->mu);
+    pthread_mutex_unlock(&t->mu);
+    return c->err;
+}
+
+rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, char *err,
+                           size_t errlen, int *err_no)
+{
+    rc_engine_t *e = calloc(1, sizeof *e);
+    *err_no = 0;
+    if (!e) {
+        *err_no = ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    e->evfd = -1;
+    if (inet_pton(AF_INET, bind_ip, &e->bind_ip) != 1) {
+        snprintf(err, errlen, "bind_ip must be an IPv4 address, not %.60s", bind_ip);
+        free(e);
+        return NULL;
+    }
+    e->port_min = port_min + (port_min & 1);
+    e->port_max = port_max;
+    e->port_next = e->port_min;
+    pthread_mutex_init(&e->port_mu, NULL);
+    pthread_mutex_init(&e->ev_mu, NULL);
+    e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->nthreads = threads;
+    e->threads = calloc((size_t)threads, sizeof *e->threads);
+    if (e->evfd < 0 || !e->threads) {
+        *err_no = e->evfd < 0 ? errno : ENOMEM;
+        snprintf(err, errlen, "engine setup: %s", strerror(*err_no));
+        rc_engine_free(e);
+        return NULL;
+    }
+    for (int i = 0; i < threads; i++) {
+        rc_thread_t *t = &e->threads[i];
+        struct epoll_event ev;
+        t->eng = e;
+        pthread_mutex_init(&t->mu, NULL);
+        pthread_cond_init(&t->cv, NULL);
+        t->epfd = epoll_create1(EPOLL_CLOEXEC);
+        t->cmdfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        memset(&ev, 0, sizeof ev);
+        ev.events = EPOLLIN;
+        ev.data.ptr = NULL;
+        if (t->epfd < 0 || t->cmdfd < 0 || epoll_ctl(t->epfd, EPOLL_CTL_ADD, t->cmdfd, &ev) < 0 ||
+            pthread_create(&t->tid, NULL, thread_main, t) != 0) {
+            *err_no = errno ? errno : EAGAIN;
+            snprintf(err, errlen, "engine thread setup: %s", strerror(*err_no));
+            rc_engine_stop(e);
+            rc_engine_free(e);
+            return NULL;
+        }
+        t->started = 1;
+    }
+    return e;
+}
+
+void rc_engine_stop(rc_engine_t *e)
+{
+    if (e->stopped)
+        return;
+    e->stopped = 1;
+    for (int i = 0; i < e->nthreads; i++) {
+        rc_thread_t *t = &e->threads[i];
+        rc_cmd_t c;
+        if (!t->started)
+            continue;
+        memset(&c, 0, sizeof c);
+        c.op = RC_CMD_STOP;
+        c.session = i;
+        rc_engine_call(e, &c);
+        pthread_join(t->tid, NULL);
+    }
+}
+
+void rc_engine_free(rc_engine_t *e)
+{
+    if (!e)
+        return;
+    rc_engine_stop(e);
+    for (int i = 0; e->threads && i < e->nthreads; i++) {
+        rc_thread_t *t = &e->threads[i];
+        if (t->epfd > 0)
+            close(t->epfd);
+        if (t->cmdfd > 0)
+            close(t->cmdfd);
+        free(t->sessions);
+        pthread_mutex_destroy(&t->mu);
+        pthread_cond_destroy(&t->cv);
+    }
+    free(e->threads);
+    if (e->evfd >= 0)
+        close(e->evfd);
+    free(e->evq);
+    free(e);
+}

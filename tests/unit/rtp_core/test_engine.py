@@ -1,0 +1,258 @@
+"""rtp_core.Engine on real sockets: two UDP "phones" on 127.0.0.1 talk through a bridge session."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rtp_core
+
+from . import reference as ref
+from .streams import stream
+
+_open: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_phones():
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def phone() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _open.append(s)
+    s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.setblocking(False)
+    return s
+
+
+def drain(s: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+def wait_events(engine: rtp_core.Engine, kinds: set[str], timeout: float = 3.0) -> list[rtp_core.Event]:
+    got: list[rtp_core.Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not kinds <= {e[0] for e in got}:
+        select.select([engine.fileno()], [], [], 0.05)
+        got += engine.poll_events()
+    return got
+
+
+def dominant_hz(x: np.ndarray) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spec) * ref.RATE / len(x))
+
+
+@pytest.fixture
+def engine():
+    with rtp_core.Engine(bind_ip="127.0.0.1", port_min=31000, port_max=31999) as e:
+        yield e
+
+
+def test_bridge_relays_and_records_stereo(engine: rtp_core.Engine, tmp_path: Path) -> None:
+    a, b = phone(), phone()
+    out = tmp_path / "call.wav"
+    sid = engine.open_session(output_path=str(out), channels=2, reorder_ms=100)
+    pa, pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    assert pa % 2 == 0 and pb % 2 == 0 and pa != pb
+    engine.set_remote(sid, 0, *a.getsockname())
+    engine.set_remote(sid, 1, "0.0.0.0", 9)  # SDP placeholder until the callee answers: latching
+    engine.set_payload_types(sid, 0, {0: "PCMU", 101: "telephone-event"})
+
+    sa = stream(440, 150, ssrc=0xA)  # 3 s of caller audio
+    sb = stream(1000, 125, ssrc=0xB, seq0=9000, ts0=123_456)  # callee answers 0.5 s later
+    sched = sorted(
+        [(t, a, pa, d) for t, d in sa] + [(t + 500_000_000, b, pb, d) for t, d in sb], key=lambda x: x[0]
+    )
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+    start = time.monotonic_ns()
+    for t, sock, port, d in sched:
+        delay = (start + t - time.monotonic_ns()) / 1e9
+        if delay > 0:
+            time.sleep(delay)
+        sock.sendto(d, ("127.0.0.1", port))
+        got_a += drain(a)
+        got_b += drain(b)
+    time.sleep(0.05)
+    got_a += drain(a)
+    got_b += drain(b)
+    events = wait_events(engine, {"started"})
+    stats = engine.close_session(sid)
+
+    # relay: each phone receives the other's packets unchanged (the caller only after the callee latched)
+    assert got_b == [d for _, d in sa[25:]] or got_b[-100:] == [d for _, d in sa[-100:]]
+    assert got_a == [d for _, d in sb]
+    started = {e[2]: e[3] for e in events if e[0] == "started"}
+    assert started[0] == (*a.getsockname(), 0xA) and started[1] == (*b.getsockname(), 0xB)
+
+    with wave.open(str(out)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 8000)
+        frames = w.getnframes()
+        x = np.frombuffer(w.readframes(frames), dtype="<i2").reshape(-1, 2).astype(float)
+    assert abs(frames / 8000 - 3.0) <= 0.06, frames
+    assert stats["samples"] == frames and abs(stats["duration"] - 3.0) <= 0.06
+    left, right = x[:, 0], x[:, 1]
+    assert dominant_hz(left[4000:20000]) == pytest.approx(440, abs=5)
+    assert dominant_hz(right[8000:20000]) == pytest.approx(1000, abs=5)
+    # the callee's first packet is 500 ms in; alignment within one packet (20 ms)
+    first_b = int(np.argmax(np.abs(right) > 100))
+    assert abs(first_b - 4000) <= 160, first_b
+    assert np.abs(right[:first_b]).max() == 0
+    l0, l1 = stats["legs"]
+    assert (l0["packets"], l0["lost"], l0["ssrc"], l0["codec"]) == (150, 0, 0xA, "PCMU")
+    assert (l1["packets"], l1["lost"], l1["ssrc"]) == (125, 0, 0xB)
+    assert l1["remote"] == b.getsockname() and l0["remote"] == a.getsockname()
+    assert l0["relayed"] == len(got_a) and l1["relayed"] == len(got_b)
+    assert l0["jitter_ms"] < 10 and l0["gap_total_ms"] == 0
+    assert os.path.getsize(out) == 44 + frames * 4
+
+
+def test_rtcp_relayed_between_plus_one_ports(engine: rtp_core.Engine) -> None:
+    a, b = phone(), phone()
+    sid = engine.open_session(output_path=None)
+    pa, _pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    ha, hb = a.getsockname(), b.getsockname()
+    engine.set_remote(sid, 0, ha[0], ha[1] - 1)  # RTCP goes to port + 1 = a's port
+    engine.set_remote(sid, 1, hb[0], hb[1] - 1)
+    sr = bytes([0x80, 200, 0, 6]) + b"\x00" * 24
+    a.sendto(sr, ("127.0.0.1", pa + 1))
+    time.sleep(0.05)
+    assert drain(b) == [sr]
+    st = engine.close_session(sid)
+    assert st["legs"][0]["rtcp_packets"] == 1 and st["legs"][1]["rtcp_relayed"] == 1
+
+
+def test_invalid_datagrams_counted_and_dropped(engine: rtp_core.Engine, tmp_path: Path) -> None:
+    a, b = phone(), phone()
+    sid = engine.open_session(output_path=str(tmp_path / "x.wav"))
+    pa, _ = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 1, *b.getsockname())
+    rnd = np.random.default_rng(1)
+    bad = [b"", b"\x80", bytes([0x40]) + b"\x00" * 20, bytes([0x8F]) + b"\x00" * 15]
+    bad += [
+        bytes([0x40 | (int(rnd.integers(64)))]) + rnd.bytes(int(rnd.integers(0, 300))) for _ in range(200)
+    ]
+    for d in bad:
+        a.sendto(d, ("127.0.0.1", pa))
+    time.sleep(0.1)
+    st = engine.close_session(sid)
+    assert st["legs"][0]["invalid"] == len(bad)
+    assert st["legs"][0]["packets"] == 0 and drain(b) == []
+
+
+def test_timeout_event(engine: rtp_core.Engine) -> None:
+    sid = engine.open_session(output_path=None, timeout_s=0.2)
+    engine.add_leg(sid, 0)
+    ev = wait_events(engine, {"timeout"}, timeout=2)
+    assert ("timeout", sid, -1, None) in ev
+    engine.close_session(sid)
+
+
+def test_record_mode_does_not_relay(engine: rtp_core.Engine, tmp_path: Path) -> None:
+    a, b = phone(), phone()
+    sid = engine.open_session(output_path=str(tmp_path / "r.wav"), mode="record", channels=1)
+    pa, _pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 0, *a.getsockname())
+    engine.set_remote(sid, 1, *b.getsockname())
+    for _, d in stream(440, 5):
+        a.sendto(d, ("127.0.0.1", pa))
+    time.sleep(0.1)
+    st = engine.close_session(sid)
+    assert drain(b) == [] and st["legs"][0]["packets"] == 5 and st["channels"] == 1
+    with wave.open(str(tmp_path / "r.wav")) as w:
+        assert w.getnchannels() == 1 and w.getnframes() == st["samples"] >= 800
+
+
+def test_errors(engine: rtp_core.Engine, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        engine.open_session(output_path=None, channels=3)
+    with pytest.raises(ValueError):
+        engine.open_session(output_path=None, mode="mix")
+    with pytest.raises(OSError):
+        engine.open_session(output_path=str(tmp_path / "missing" / "x.wav"))
+    with pytest.raises(ValueError):
+        engine.add_leg(12345, 0)
+    sid = engine.open_session(output_path=None)
+    with pytest.raises(ValueError):
+        engine.add_leg(sid, 2)
+    engine.add_leg(sid, 0)
+    with pytest.raises(ValueError):
+        engine.add_leg(sid, 0)
+    with pytest.raises(ValueError):
+        engine.set_remote(sid, 0, "not an ip", 1)
+    with pytest.raises(ValueError):
+        engine.set_payload_types(sid, 0, {200: "PCMU"})
+    engine.close_session(sid)
+    with pytest.raises(ValueError):
+        engine.close_session(sid)
+
+
+def test_port_exhaustion_is_oserror() -> None:
+    with rtp_core.Engine(port_min=32000, port_max=32003) as e:
+        sid = e.open_session(output_path=None)
+        e.add_leg(sid, 0)
+        e.add_leg(sid, 1)
+        sid2 = e.open_session(output_path=None)
+        with pytest.raises(OSError):
+            e.add_leg(sid2, 0)
+
+
+def test_close_finalises_open_sessions(tmp_path: Path) -> None:
+    e = rtp_core.Engine(port_min=32100, port_max=32199, threads=2)
+    a = phone()
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.wav"
+        sid = e.open_session(output_path=str(p))
+        port = e.add_leg(sid, 0)
+        for _, d in stream(440, 10):
+            a.sendto(d, ("127.0.0.1", port))
+        paths.append(p)
+    time.sleep(0.1)
+    e.close()
+    assert e.closed
+    for p in paths:
+        with wave.open(str(p)) as w:
+            assert w.getnframes() >= 1600
+    with pytest.raises(ValueError):
+        e.open_session(output_path=None)
+
+
+def test_fileno_works_with_asyncio_add_reader(engine: rtp_core.Engine) -> None:
+    import asyncio
+
+    async def main() -> list[rtp_core.Event]:
+        loop = asyncio.get_running_loop()
+        got: asyncio.Queue[list[rtp_core.Event]] = asyncio.Queue()
+        loop.add_reader(engine.fileno(), lambda: got.put_nowait(engine.poll_events()))
+        try:
+            sid = engine.open_session(output_path=None)
+            port = engine.add_leg(sid, 0)
+            s = phone()
+            s.sendto(stream(440, 1)[0][1], ("127.0.0.1", port))
+            ev = await asyncio.wait_for(got.get(), 2)
+            engine.close_session(sid)
+            return ev
+        finally:
+            loop.remove_reader(engine.fileno())
+
+    ev = asyncio.run(main())
+    assert ev[0][0] == "started" and struct.calcsize("!I") == 4
