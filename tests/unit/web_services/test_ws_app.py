@@ -315,7 +315,9 @@ async def test_internal_auth(env: Env, make_doc: DocFactory) -> None:
 
 
 async def test_internal_too_large(env: Env) -> None:
-    resp = await env.client.post("/api/v1/internal/recordings", data=io.BytesIO(b"x" * (2 << 20)), headers=auth(INTERNAL))
+    resp = await env.client.post(
+        "/api/v1/internal/recordings", data=io.BytesIO(b"x" * (2 << 20)), headers=auth(INTERNAL)
+    )
     await error_of(resp, 413)
 
 
