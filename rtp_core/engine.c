@@ -538,17 +538,26 @@ static void process_commands(rc_thread_t *t)
 
 /* ---- packets ------------------------------------------------------------------------------- */
 
-static int recv_batch(rc_thread_t *t, int fd)
+static void init_batches(rc_thread_t *t)
 {
+    memset(t->msgs, 0, sizeof t->msgs);
+    memset(t->out, 0, sizeof t->out);
     for (int i = 0; i < BATCH; i++) {
         t->iov[i].iov_base = t->bufs[i];
         t->iov[i].iov_len = PKT_MAX;
-        memset(&t->msgs[i].msg_hdr, 0, sizeof t->msgs[i].msg_hdr);
         t->msgs[i].msg_hdr.msg_iov = &t->iov[i];
         t->msgs[i].msg_hdr.msg_iovlen = 1;
         t->msgs[i].msg_hdr.msg_name = &t->addrs[i];
-        t->msgs[i].msg_hdr.msg_namelen = sizeof t->addrs[i];
+        t->out[i].msg_hdr.msg_iov = &t->oiov[i];
+        t->out[i].msg_hdr.msg_iovlen = 1;
+        t->out[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
     }
+}
+
+static int recv_batch(rc_thread_t *t, int fd)
+{
+    for (int i = 0; i < BATCH; i++)
+        t->msgs[i].msg_hdr.msg_namelen = sizeof t->addrs[i];
     return recvmmsg(fd, t->msgs, BATCH, MSG_DONTWAIT, NULL);
 }
 
@@ -574,11 +583,7 @@ static void add_out(rc_thread_t *t, int k, int i, struct sockaddr_in *to)
 {
     t->oiov[k].iov_base = t->bufs[i];
     t->oiov[k].iov_len = t->msgs[i].msg_len;
-    memset(&t->out[k].msg_hdr, 0, sizeof t->out[k].msg_hdr);
-    t->out[k].msg_hdr.msg_iov = &t->oiov[k];
-    t->out[k].msg_hdr.msg_iovlen = 1;
     t->out[k].msg_hdr.msg_name = to;
-    t->out[k].msg_hdr.msg_namelen = sizeof *to;
 }
 
 static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
@@ -674,6 +679,7 @@ static void *thread_main(void *arg)
     rc_thread_t *t = arg;
     struct epoll_event evs[256];
     int64_t next_tick = rc_mono_ns() + TICK_NS;
+    init_batches(t);
     while (!t->stop) {
         int64_t now = rc_mono_ns();
         int timeout = next_tick > now ? (int)((next_tick - now + 999999) / 1000000) : 0;
@@ -698,8 +704,17 @@ static void *thread_main(void *arg)
                 next_tick = now + TICK_NS;
         }
     }
+    /* answer whatever was queued after STOP: those callers must not wait forever */
     pthread_mutex_lock(&t->mu);
     t->dead = 1;
+    for (rc_cmd_t *c = t->head, *next; c; c = next) {
+        next = c->next;
+        snprintf(c->msg, sizeof c->msg, "the engine is closed");
+        c->err = RC_EVALUE;
+        c->done = 1;
+    }
+    t->head = t->tail = NULL;
+    pthread_cond_broadcast(&t->cv);
     pthread_mutex_unlock(&t->mu);
     return NULL;
 }
