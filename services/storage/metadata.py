@@ -73,7 +73,10 @@ def parse_time(value: Any, field: str) -> datetime:
         raise DocumentError(field, f"{value!r} is not an ISO 8601 timestamp") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    try:
+        return dt.astimezone(UTC)
+    except OverflowError:
+        raise DocumentError(field, f"{value!r} is out of range") from None
 
 
 def format_time(dt: datetime) -> str:

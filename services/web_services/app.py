@@ -177,7 +177,7 @@ def parse_search(query: MultiMapping[str]) -> tuple[SearchFilters, int, str | No
         raise ApiError(400, "start_after must be earlier than start_before")
     limit = DEFAULT_LIMIT
     if "limit" in p:
-        if not p["limit"].isdigit() or not 1 <= int(p["limit"]) <= MAX_LIMIT:
+        if not re.fullmatch(r"[0-9]{1,4}", p["limit"]) or not 1 <= int(p["limit"]) <= MAX_LIMIT:
             raise ApiError(400, f"limit must be an integer from 1 to {MAX_LIMIT}, not {p['limit']!r}")
         limit = int(p["limit"])
     cursor = p.get("cursor")
@@ -283,9 +283,9 @@ class Api:
         return web.json_response({"url": url, "expires": format_time(datetime.fromtimestamp(expires, UTC))})
 
     async def audio(self, request: web.Request) -> web.StreamResponse:
-        if "sig" in request.query and "Authorization" not in request.headers:
+        if "sig" in request.query:
             p = _single_params(request.query, SIGNED_PARAMS)
-            if not all(k in p for k in SIGNED_PARAMS) or not p["expires"].isdigit():
+            if not all(k in p for k in SIGNED_PARAMS) or not re.fullmatch(r"[0-9]{1,12}", p["expires"]):
                 raise ApiError(400, "a signed audio URL needs tenant, expires (unix time) and sig")
             rid = request.match_info["id"]
             if not self.signer.verify(p["tenant"], rid, int(p["expires"]), p["sig"]):

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from services.storage.metadata import DocumentError, parse_time, split_unknown, validate_document
+from services.storage.metadata import FIELDS, DocumentError, parse_time, split_unknown, validate_document
 
 
 def doc(**changes: Any) -> dict[str, Any]:
@@ -121,3 +123,26 @@ def test_split_unknown() -> None:
 
 def test_parse_time_query_plus_decoded_as_space() -> None:
     assert parse_time("2024-05-01T10:00:00 02:00", "t") == parse_time("2024-05-01T08:00:00Z", "t")
+
+
+def test_time_out_of_range() -> None:
+    with pytest.raises(DocumentError):
+        parse_time("9999-12-31T23:59:59-23:59", "start")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(FIELDS)), json_values)
+def test_any_field_value_is_valid_or_a_document_error(field: str, value: Any) -> None:
+    try:
+        out = validate_document(doc(**{field: value}))
+    except DocumentError as exc:
+        assert exc.field.split(".")[0].split("[")[0] in (field, "end", "document")
+    else:
+        assert validate_document(out) == out
