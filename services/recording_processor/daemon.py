@@ -70,10 +70,36 @@ def build_document(event: dict[str, Any]) -> dict[str, Any]:
     return validate_document(known)
 
 
+def _sanitise(raw: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", raw)[:100].lstrip("._-")
+
+
 def consumer_name(name: str | None) -> str:
-    """A claim-directory name: the daemon's name, else ``<host>-<pid>``."""
-    raw = name or f"{socket.gethostname()}-{os.getpid()}"
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", raw)[:128].lstrip("._-") or f"rp-{os.getpid()}"
+    """A claim-directory name: the daemon's name, else ``pid-<host>-<pid>``."""
+    if name:
+        return _sanitise(name) or f"rp-{os.getpid()}"
+    return f"pid-{_sanitise(socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
+def local_consumer_dead(consumer: str) -> bool:
+    """True for a ``pid-<this host>-<pid>`` consumer whose process no longer exists.
+
+    Lets a restarted processor take over the claims of one that was killed at once instead of
+    after ``claim_timeout``. A reused pid only makes us wait for the timeout, never steal early.
+    """
+    prefix = f"pid-{_sanitise(socket.gethostname()) or 'host'}-"
+    if not consumer.startswith(prefix) or not consumer[len(prefix) :].isdigit():
+        return False
+    pid = int(consumer[len(prefix) :])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 class RecordingProcessor:
@@ -116,7 +142,7 @@ class RecordingProcessor:
             while True:
                 now = time.monotonic()
                 if now >= next_stale:
-                    await self.queue.release_stale(self.claim_timeout)
+                    await self.queue.release_stale(self.claim_timeout, local_consumer_dead)
                     next_stale = now + STALE_CHECK_INTERVAL
                 if now >= next_purge:
                     await self.queue.purge_temp()

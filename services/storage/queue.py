@@ -27,6 +27,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +173,15 @@ class EventQueue:
             log.info("returned %d claimed event(s) of %s to the queue", n, consumer)
         return n
 
-    async def release_stale(self, max_age: float) -> int:
-        """Return claims older than ``max_age`` seconds (of any consumer) to the queue."""
-        return await asyncio.to_thread(self._release_stale_sync, max_age)
+    async def release_stale(self, max_age: float, is_dead: Callable[[str], bool] | None = None) -> int:
+        """Return claims older than ``max_age`` seconds (of any consumer) to the queue.
 
-    def _release_stale_sync(self, max_age: float) -> int:
+        ``is_dead(consumer)``, when given, lets the caller vouch that a consumer is gone (e.g. a
+        process of this host that no longer exists): its claims are returned whatever their age.
+        """
+        return await asyncio.to_thread(self._release_stale_sync, max_age, is_dead)
+
+    def _release_stale_sync(self, max_age: float, is_dead: Callable[[str], bool] | None) -> int:
         limit = time.time_ns() - int(max_age * 1e9)
         released = 0
         try:
@@ -184,9 +189,14 @@ class EventQueue:
         except FileNotFoundError:
             return 0
         for consumer in consumers:
-            for p in self._claimed_sync(consumer):
-                if int(p.name.split("~", 1)[0]) < limit and self._unclaim_sync(p) is not None:
-                    log.warning("claim of %s by %s is stale, returned to the queue", event_name(p), consumer)
+            claims = self._claimed_sync(consumer)
+            if not claims:
+                continue
+            dead = is_dead is not None and is_dead(consumer)
+            for p in claims:
+                if (dead or int(p.name.split("~", 1)[0]) < limit) and self._unclaim_sync(p) is not None:
+                    why = "its consumer is gone" if dead else "stale"
+                    log.warning("claim of %s by %s returned to the queue (%s)", event_name(p), consumer, why)
                     released += 1
         return released
 

@@ -12,7 +12,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from services.recording_processor.daemon import Outcome, RecordingProcessor, build_document, consumer_name
+from services.recording_processor.daemon import (
+    Outcome,
+    RecordingProcessor,
+    build_document,
+    consumer_name,
+    local_consumer_dead,
+)
 from services.storage.metadata import DocumentError
 from services.storage.queue import EventQueue
 
@@ -135,3 +141,24 @@ def test_consumer_name() -> None:
     assert consumer_name("rp 1/x") == "rp_1_x"
     assert consumer_name(None)
     assert consumer_name("...").startswith("rp-")
+
+
+async def test_claims_of_a_dead_local_process_are_released_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    dead_pid = int(child.stdout)
+    dead = consumer_name(None).rsplit("-", 1)[0] + f"-{dead_pid}"
+    alive = consumer_name(None)  # this process
+    queue = EventQueue(tmp_path)
+    assert await queue.claim(await queue.put({**EVENT, "id": "d1"}), dead)
+    assert await queue.claim(await queue.put({**EVENT, "id": "a1"}), alive)
+    assert await queue.claim(await queue.put({**EVENT, "id": "n1"}), "named-rp")
+    assert (
+        local_consumer_dead(dead) and not local_consumer_dead(alive) and not local_consumer_dead("named-rp")
+    )
+    assert await queue.release_stale(3600, local_consumer_dead) == 1
+    assert [p.name for p in await queue.pending()] == ["d1.json"]
