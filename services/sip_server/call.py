@@ -77,6 +77,7 @@ class Leg:
     owner: SdpOwner | None = None  # our o= line when we rewrite SDP on this leg (recorded calls)
     timer: SessionTimer = field(default_factory=SessionTimer)
     allow_update: bool = False  # the peer listed UPDATE in Allow (refresh with UPDATE then)
+    confirmed: bool = False  # the dialog is established and not yet ended (a BYE is due at the end)
 
     def destination(self) -> tuple[str, int, str]:
         if self.dest is not None:
@@ -95,6 +96,7 @@ class Leg:
             "owner": self.owner.to_dict() if self.owner is not None else None,
             "timer": self.timer.to_dict(),
             "allow_update": self.allow_update,
+            "confirmed": self.confirmed,
         }
 
     @classmethod
@@ -109,6 +111,7 @@ class Leg:
             owner=SdpOwner.from_dict(d["owner"]) if d.get("owner") else None,
             timer=SessionTimer.from_dict(d["timer"]) if d.get("timer") else SessionTimer(),
             allow_update=bool(d.get("allow_update", False)),
+            confirmed=bool(d.get("confirmed", False)),
         )
 
 
