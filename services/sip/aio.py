@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .errors import InvalidStateError, SipParseError
@@ -387,7 +387,7 @@ class SipEndpoint:
             await asyncio.gather(*tasks, return_exceptions=True)
         for client in self._clients.values():
             if not client._final.done():
-                client._final.cancel()
+                client._final.set_result(make_response(client.request, 503, "Endpoint Closed"))
         if self._server is not None:
             await self._server.wait_closed()
         log.info("%s: closed", self.name)
@@ -640,16 +640,16 @@ class SipEndpoint:
             if client is not None:
                 client._on_response(event.response)
         elif isinstance(event, CancelReceived):
-            incoming = self._incoming.get(event.transaction)
-            if incoming is not None:
-                incoming.cancelled.set()
+            cancelled = self._incoming.get(event.transaction)
+            if cancelled is not None:
+                cancelled.cancelled.set()
         elif isinstance(event, AckReceived):
             self._on_ack(event)
         elif isinstance(event, AckTimeout):
             log.warning("%s: no ACK for %d to %s", self.name, event.response.status, event.transaction.id)
-            incoming = self._incoming.get(event.transaction)
-            if incoming is not None:
-                incoming._ack_arrived(None)
+            unacked = self._incoming.get(event.transaction)
+            if unacked is not None:
+                unacked._ack_arrived(None)
         elif isinstance(event, TransactionTerminated):
             txn = event.transaction
             self._clients.pop(txn, None)  # type: ignore[call-overload]
@@ -666,9 +666,9 @@ class SipEndpoint:
         elif incoming is None:
             log.debug("%s: ACK for %s without a handler", self.name, event.ack.call_id)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
