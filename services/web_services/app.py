@@ -257,11 +257,14 @@ class Api:
         storage = doc.get("storage") or {}
         # Audio first: if that fails the metadata stays and the delete can be retried; the other order
         # could leave audio nobody can find any more.
-        if storage.get("kind") == "disk":
-            try:
-                await self.disk.delete(storage["key"])
-            except StorageKeyError as exc:
-                log.error("recording %s has an invalid storage key: %s", doc["id"], exc)
+        if storage.get("kind") != "disk":
+            raise ApiError(
+                501, f"deleting from {storage.get('kind')!r} storage is not available yet", "not_implemented"
+            )
+        try:
+            await self.disk.delete(storage["key"])
+        except StorageKeyError as exc:
+            log.error("recording %s has an invalid storage key: %s", doc["id"], exc)
         await self.store.delete(tenant.id, doc["id"])
         audit.info(
             "delete recording=%s tenant=%s call_id=%s storage=%s:%s remote=%s",

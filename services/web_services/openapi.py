@@ -189,7 +189,11 @@ def document() -> dict[str, Any]:
                 },
                 "delete": {
                     "summary": "Delete a recording's audio and metadata (audited; a deleted id is never re-indexed)",
-                    "responses": {"204": {"description": "Deleted"}, **_COMMON},
+                    "responses": {
+                        "204": {"description": "Deleted"},
+                        "501": _error("Storage kind this version cannot delete from"),
+                        **_COMMON,
+                    },
                 },
             },
             "/api/v1/recordings/{id}/audio": {
