@@ -485,3 +485,139 @@ async def test_daemon_run_serves_and_stops() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# --------------------------------------------------------------------------------- with the real RM + MCP
+class RtpParty(asyncio.DatagramProtocol):
+    """A phone's RTP socket: remembers what it receives."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.append(data)
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+
+def rtp_packet(seq: int, ssrc: int) -> bytes:
+    import struct
+
+    return struct.pack("!BBHII", 0x80, 0, seq, seq * 160, ssrc) + b"\xff" * 160
+
+
+async def start_daemon(name: str, factory: Any, timeout: float = 10.0) -> asyncio.Task[None]:
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(factory(ready.set))
+    waiter = asyncio.ensure_future(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        if task.done():
+            task.result()
+        raise AssertionError(f"{name} did not become ready")
+    return task
+
+
+async def test_recorded_call_through_real_rm_and_mcp(tmp_path: Any) -> None:
+    pytest.importorskip("rtp_core._core")
+    import json
+    import random
+
+    from services.mcp import daemon as mcp_daemon
+    from services.resource_manager import daemon as rm_daemon
+
+    rm_port, mcp_port = free_port(), free_port()
+    base = random.randrange(32000, 60000, 200)
+    data = {
+        "sip_server": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "realm": "callvault",
+            "nonce_secret": "0123456789abcdef",
+            "resource_manager": f"127.0.0.1:{rm_port}",
+            "recording_timeout": 5.0,
+        },
+        "resource_manager": {"host": "127.0.0.1", "port": rm_port, "options_interval": 0.2},
+        "mcp": [
+            {
+                "name": "mcp1",
+                "port": mcp_port,
+                "rtp_port_min": base,
+                "rtp_port_max": base + 98,
+                "spool_dir": "spool1",
+                "shutdown_timeout": 5.0,
+            }
+        ],
+        "storage": {"disk_root": "storage", "queue_dir": "queue"},
+        "tenants": [
+            {
+                "id": "rec",
+                "api_key": "rec-key-0123456789",
+                "domains": ["rec.test"],
+                "users": [{"extension": e, "password": PASSWORDS[e]} for e in ("2001", "2002")],
+                "policy": {"mode": "all"},
+            }
+        ],
+    }
+    config = config_mod.from_dict(data, base_dir=str(tmp_path), environ={})
+    tasks = [
+        await start_daemon("mcp1", lambda ready: mcp_daemon.run(config, name="mcp1", ready=ready)),
+        await start_daemon("rm", lambda ready: rm_daemon.run(config, ready=ready)),
+    ]
+    server = SipServer(config)
+    await server.start()
+    lab = Lab(server, FakeBridge())
+    loop = asyncio.get_running_loop()
+    _, party_a = await loop.create_datagram_endpoint(RtpParty, local_addr=("127.0.0.1", 0))
+    _, party_b = await loop.create_datagram_endpoint(RtpParty, local_addr=("127.0.0.1", 0))
+    try:
+        a = await lab.phone("2001")
+        b = await lab.phone("2002")
+        out = await a.call("2002", sdp=phone_sdp(party_a.port))
+        inc = await b.next_call(10)
+        b_offer = SessionDescription.parse(inc.request.body)
+        mcp_callee = b_offer.media_address(0)
+        assert mcp_callee[0] == "127.0.0.1" and base <= mcp_callee[1] <= base + 98
+        assert b_offer.media[0].formats == [0, 8, 101]  # A's codecs, telephone-event untouched
+        await inc.answer(answer_for(inc.request.body, party_b.port))
+        resp = await out.final(15)
+        assert resp.status == 200
+        a_answer = SessionDescription.parse(resp.body)
+        mcp_caller = a_answer.media_address(0)
+        assert base <= mcp_caller[1] <= base + 98 and mcp_caller != mcp_callee
+        assert a_answer.media[0].formats == [0, 101]
+
+        # media flows A -> MCP -> B and B -> MCP -> A
+        assert party_a.transport is not None and party_b.transport is not None
+        for i in range(25):
+            party_a.transport.sendto(rtp_packet(i, 0xA), mcp_caller)
+            party_b.transport.sendto(rtp_packet(i, 0xB), mcp_callee)
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: len(party_b.received) >= 20 and len(party_a.received) >= 20)
+
+        assert (await inc.request_in_dialog("BYE")).status == 200
+        assert (await a.next_request()).method == "BYE"
+        queue = tmp_path / "queue"
+        await wait_for(lambda: any(queue.glob("*.json")), timeout=15)
+        event = json.loads(next(queue.glob("*.json")).read_text())
+        assert (event["tenant"], event["caller"], event["callee"]) == ("rec", "2001", "2002")
+        assert event["call_id"] == out.request.call_id
+    finally:
+        for party in (party_a, party_b):
+            if party.transport is not None:
+                party.transport.close()
+        await server.stop(1.0)
+        for p in lab.phones:
+            await p.close()
+        for task in reversed(tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
