@@ -497,7 +497,10 @@ class SipEndpoint:
         except Exception:
             log.exception("%s: failed to process a message from %s:%s", self.name, *source)
             return
-        self._flush(sends)
+        try:
+            self._flush(sends)
+        except Exception:
+            log.exception("%s: failed to send after a message from %s:%s", self.name, *source)
 
     def _reject(
         self, message: Request | Response, exc: SipParseError, source: Address, transport: str

@@ -10,6 +10,7 @@ import pytest
 
 from services.sip.aio import IncomingRequest, SipEndpoint
 from services.sip.dialog import Dialog
+from services.sip.errors import InvalidStateError
 from services.sip.message import Request, Response, new_call_id, new_tag, parse_message
 from services.sip.timers import TimerConfig
 
@@ -290,3 +291,87 @@ async def test_ack_handler_gets_acks_nobody_waits_for(pair: tuple[SipEndpoint, S
             break
         await asyncio.sleep(0.01)
     assert len(seen) == 1 and seen[0].method == "ACK"
+
+
+async def test_udp_and_tcp_share_the_port_and_contact_uri() -> None:
+    endpoint = SipEndpoint(host="127.0.0.1", port=0, name="solo")
+    await endpoint.start()
+    try:
+        assert endpoint.port != 0
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            probe = socket.socket(socket.AF_INET, kind)
+            with pytest.raises(OSError):
+                probe.bind(("127.0.0.1", endpoint.port))  # taken for both transports
+            probe.close()
+        assert str(endpoint.contact_uri("u")) == f"sip:u@127.0.0.1:{endpoint.port}"
+        assert str(endpoint.contact_uri(None, "tcp")) == f"sip:127.0.0.1:{endpoint.port};transport=tcp"
+    finally:
+        await endpoint.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_many_concurrent_requests(pair: tuple[SipEndpoint, SipEndpoint], transport: str) -> None:
+    alice, bob = pair
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        await asyncio.sleep(0.01)
+        incoming.respond(200, headers=[("X-Echo", incoming.request.call_id)])
+
+    bob.request_handler = bob_handler
+    requests = [new_request("OPTIONS", alice, bob, transport) for _ in range(30)]
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(alice.request(r, addr(bob), transport) for r in requests)), 10
+    )
+    assert [r.headers.get("X-Echo") for r in responses] == [r.call_id for r in requests]
+    if transport == "tcp":
+        assert alice.connections == [addr(bob)]  # one connection, reused
+
+
+async def test_close_resolves_pending_requests(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    never = asyncio.Event()
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        await never.wait()
+
+    bob.request_handler = bob_handler
+    client = alice.start_request(new_request("OPTIONS", alice, bob), addr(bob))
+    await asyncio.sleep(0.05)
+    await alice.close()
+    response = await asyncio.wait_for(client.final(), 1)
+    assert response.status == 503
+
+
+async def test_handler_failing_after_a_provisional_still_answers_500(
+    pair: tuple[SipEndpoint, SipEndpoint],
+) -> None:
+    alice, bob = pair
+
+    async def bob_handler(incoming: IncomingRequest) -> None:
+        incoming.respond(180)
+        with pytest.raises(InvalidStateError, match="2xx"):
+            await incoming.wait_ack()
+        raise ValueError("media setup failed")
+
+    bob.request_handler = bob_handler
+    client = alice.start_request(new_request("INVITE", alice, bob), addr(bob))
+    final = await asyncio.wait_for(client.final(), 5)
+    assert final.status == 500
+    assert [r.status for r in client.provisional] == [100, 180]
+
+
+async def test_keepalives_and_stateless_sends(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    alice, bob = pair
+    loop = asyncio.get_running_loop()
+    transport, raw = await loop.create_datagram_endpoint(RawUdp, local_addr=("127.0.0.1", 0))
+    try:
+        transport.sendto(b"\r\n\r\n", addr(bob))  # RFC 5626 keep-alive: ignored, not answered
+        await asyncio.sleep(0.05)
+        assert raw.received.empty()
+        request = new_request("MESSAGE", alice, bob)
+        request.headers.add("Via", "SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKstateless")
+        alice.send_stateless(request, transport.get_extra_info("sockname"))
+        data = await asyncio.wait_for(raw.received.get(), 2)
+        assert data.startswith(b"MESSAGE sip:bob@") and b"z9hG4bKstateless" in data
+    finally:
+        transport.close()
