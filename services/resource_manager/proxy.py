@@ -276,8 +276,7 @@ class Proxy:
     # -- initial INVITE: MCP selection with failover -------------------------------------------------
     async def _initial_invite(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        # RFC 3261 16.2: we will not have a final answer within 200 ms (MCP selection, failover).
-        incoming.respond(100)
+        # RFC 3261 16.2's 100 Trying went out already: the transaction layer sends it for every INVITE.
         if request.max_forwards == 0:
             raise ProxyError(483, "Too Many Hops")
         if not self.accepting:
@@ -323,7 +322,6 @@ class Proxy:
             outcome = await self._forward_invite_to(incoming, fwd, node)
             if outcome is None:
                 return
-            self.store.end(call_id, self.clock())
             log.info("MCP %s failed for call %s (%s); trying the next one", node.name, call_id, outcome)
 
     def rm_retry_after(self) -> str:
@@ -357,6 +355,7 @@ class Proxy:
             if not (final.done() or heard.is_set() or cancelled.done()):
                 # The MCP said nothing at all: treat as dead for this session (passive health check).
                 self._abandon(client, final)
+                self.store.end(out.call_id, self.clock())
                 self._note(self.pool.probe_failed(node.name, self.clock(), "no answer to INVITE"))
                 return "no answer"
             cancel_sent = False
@@ -386,6 +385,7 @@ class Proxy:
             for t in (cancelled, heard_task):
                 t.cancel()
         if response.status in (503, 408) and not state["relayed"] and not incoming.cancelled.is_set():
+            self.store.end(out.call_id, self.clock())
             if response.status == 503:
                 self._note(self.pool.probe_draining(node.name, self.clock(), f"503 {response.reason}"))
             else:
