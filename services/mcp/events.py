@@ -69,7 +69,8 @@ def build_event(
 
     ``close_stats`` is what ``Engine.close_session`` returned (duration, channels, per-leg stats);
     ``stored`` is the storage writer's ``{"kind", "key", "size", "sha256"}``. When the engine gave no
-    duration (it failed), the wall-clock time between start and end is used.
+    duration (it failed), the wall-clock time between start and end is used. ``codec`` (negotiated)
+    is used when the engine reports none for either leg.
     """
     close_stats = close_stats or {}
     start = start.astimezone(UTC) if start.tzinfo else start.replace(tzinfo=UTC)
@@ -83,8 +84,8 @@ def build_event(
         channels = bridge.profile.channels
     legs = close_stats.get("legs") or []
     legs = list(legs) + [None] * (2 - len(legs))
-    if not codec:
-        codec = next((str(s.get("codec")) for s in legs if isinstance(s, dict) and s.get("codec")), "")
+    # What the engine saw on the wire wins over what was negotiated.
+    codec = next((str(s.get("codec")) for s in legs if isinstance(s, dict) and s.get("codec")), "") or codec
     call = bridge.call
     return {
         "id": recording_id,

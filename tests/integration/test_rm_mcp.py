@@ -299,8 +299,8 @@ async def start(name: str, coro_factory: Any, timeout: float = 10.0) -> asyncio.
     return task
 
 
-@pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+@contextlib.asynccontextmanager
+async def make_lab(tmp_path: Path, *, media_timeout: float = 30.0) -> AsyncIterator[Lab]:
     base = random.randrange(32000, 60000, 200)
     mcps = [
         McpConfig(
@@ -309,7 +309,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
             rtp_port_min=base + 100 * i,
             rtp_port_max=base + 100 * i + 98,
             spool_dir=f"spool{i + 1}",
-            media_timeout=30.0,
+            media_timeout=media_timeout,
             shutdown_timeout=5.0,
         )
         for i in range(2)
@@ -326,22 +326,28 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
         base_dir=str(tmp_path),
     )
     tasks: dict[str, asyncio.Task[None]] = {}
-    for m in mcps:
-        tasks[m.name] = await start(
-            m.name, lambda ready, n=m.name: mcp_daemon.run(config, name=n, ready=ready)
-        )
-    tasks["rm"] = await start("rm", lambda ready: rm_daemon.run(config, ready=ready))
     ep = SipEndpoint(host="127.0.0.1", port=0, name="uac")
     uac = Uac(ep, ("127.0.0.1", config.resource_manager.port))
     ep.request_handler = uac.on_request
-    await ep.start()
     lab = Lab(config, tmp_path, uac, tasks)
     try:
+        for m in mcps:
+            tasks[m.name] = await start(
+                m.name, lambda ready, n=m.name: mcp_daemon.run(config, name=n, ready=ready)
+            )
+        tasks["rm"] = await start("rm", lambda ready: rm_daemon.run(config, ready=ready))
+        await ep.start()
         yield lab
     finally:
         for name in list(lab.tasks):
             await lab.stop(name)
         await ep.close()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    async with make_lab(tmp_path) as lab:
+        yield lab
 
 
 # -- tests ----------------------------------------------------------------------------------------------
@@ -474,3 +480,44 @@ async def test_bad_requests_are_answered_with_a_reason(lab: Lab) -> None:
     response = await lab.uac.ep.request(options, rm)
     assert response.status == 200 and response.headers.get("X-CV-Healthy-MCPs") == "2"
     assert len(await lab.wait_events(1)) == 1  # only the by-domain session was recorded
+
+
+def dtmf_packets(digit: int, seq0: int, ts: int, ssrc: int) -> list[bytes]:
+    """RFC 4733 telephone-event packets for one 100 ms digit: updates then three end packets."""
+    out = []
+    for i, duration in enumerate((160, 320, 480, 640, 800, 800, 800)):
+        end = 0x80 if duration == 800 else 0
+        marker = 0x80 if i == 0 else 0
+        payload = struct.pack("!BBH", digit, end | 10, duration)
+        out.append(struct.pack("!BBHII", 0x80, marker | 101, (seq0 + i) & 0xFFFF, ts, ssrc) + payload)
+    return out
+
+
+async def test_dtmf_and_media_timeout_end_the_part(tmp_path: Path) -> None:
+    async with make_lab(tmp_path, media_timeout=1.0) as lab:
+        a, b = await open_party(), await open_party()
+        try:
+            bridge = await lab.uac.invite("d" * 32, ("127.0.0.1", a.port))
+            assert bridge.response.status == 200
+            assert (
+                await lab.uac.reinvite(bridge, ("127.0.0.1", a.port), ("127.0.0.1", b.port))
+            ).status == 200
+            caller_addr, callee_addr = bridge.leg_address("caller"), bridge.leg_address("callee")
+            tones = tone_packets(440.0, 25, 0x3333)
+            await asyncio.gather(
+                play(a, caller_addr, tones), play(b, callee_addr, tone_packets(880.0, 25, 0x4444))
+            )
+            await play(a, caller_addr, dtmf_packets(7, 25, 25 * SAMPLES, 0x3333))
+            # Then silence from both: the MCP's media timeout ends the part with a BYE to the SIP Server.
+            deadline = time.monotonic() + 10
+            while not lab.uac.byes and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            (bye,) = lab.uac.byes
+            assert bye.call_id == bridge.invite.call_id
+            (event,) = await lab.wait_events(1)
+        finally:
+            a.transport.close()  # type: ignore[union-attr]
+            b.transport.close()  # type: ignore[union-attr]
+    streams = {s["label"]: s for s in event["streams"]}
+    assert streams["caller"]["dtmf"] == "7" and streams["callee"]["dtmf"] == ""
+    assert any(p[1] & 0x7F == 101 for p in b.received)  # the digit was relayed to the callee unchanged
