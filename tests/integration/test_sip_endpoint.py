@@ -375,3 +375,23 @@ async def test_keepalives_and_stateless_sends(pair: tuple[SipEndpoint, SipEndpoi
         assert data.startswith(b"MESSAGE sip:bob@") and b"z9hG4bKstateless" in data
     finally:
         transport.close()
+
+
+def test_error_response_for_echoes_identifiers() -> None:
+    from services.sip.aio import error_response_for
+
+    data = (
+        b"\r\nINVITE sip:x@y SIP/2.0\r\nv: SIP/2.0/UDP h;branch=z9hG4bK1\r\nf: <sip:a@b>;tag=1\r\n"
+        b"t: <sip:x@y>\r\ni: id\r\nCSeq: 1 INVITE\r\nContact: <sip:a@b>\r\n\r\nbody"
+    )
+    reply = error_response_for(data, 416, "Unsupported URI scheme\r\nX-Injected: 1")
+    assert reply is not None
+    lines = reply.decode().split("\r\n")
+    assert lines[0] == "SIP/2.0 416 Unsupported URI scheme X-Injected: 1"  # no header injection
+    assert lines[1:4] == ["Via: SIP/2.0/UDP h;branch=z9hG4bK1", "From: <sip:a@b>;tag=1", lines[3]]
+    assert lines[3].startswith("To: <sip:x@y>;tag=")  # 8.2.6.2: a To tag is added
+    assert "Call-ID: id" in lines and "CSeq: 1 INVITE" in lines
+    assert not any(line.startswith("Contact") for line in lines)
+    assert error_response_for(b"ACK sip:x@y SIP/2.0\r\n\r\n", 400, "x") is None  # never answer ACK
+    assert error_response_for(b"SIP/2.0 200 OK\r\n\r\n", 400, "x") is None  # nor a response
+    assert error_response_for(b"\xff\xfe garbage", 400, "x") is None

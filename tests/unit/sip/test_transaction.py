@@ -809,3 +809,16 @@ def test_lossy_network_invariants(seed: int, loss: float, method: str) -> None:
     assert client.state is S.TERMINATED
     assert not net.uac.clients and not net.uas.servers
     assert net.uac.next_timer() is None and net.uas.next_timer() is None
+
+
+def test_every_state_change_is_logged_old_to_new(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="services.sip.transaction")
+    net = Net(transport="tcp")
+    net.invite()
+    net.respond(486)
+    lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert any("ICT INVITE" in line and "Calling -> Proceeding" in line for line in lines)
+    assert any("ICT INVITE" in line and "Proceeding -> Completed" in line for line in lines)
+    assert any("ICT INVITE" in line and "Completed -> Terminated (timer D)" in line for line in lines)
+    assert any("IST INVITE" in line and "Proceeding -> Completed" in line for line in lines)
+    assert any("IST INVITE" in line and "Completed -> Confirmed (ACK)" in line for line in lines)
