@@ -762,12 +762,16 @@ class B2BUA:
         log.warning("call %s: the recording bridge ended the session", state.id[:8])
         was_recording = state.recording
         state.recording = False
-        if not was_recording or state.phase != CallPhase.CONFIRMED:
+        if not was_recording or state.phase in (CallPhase.ENDING, CallPhase.ENDED):
             return
         self._spawn(self._rejoin(call), f"rejoin-{state.id[:8]}")
 
     async def _rejoin(self, call: Call) -> None:
         state = call.state
+        if state.phase != CallPhase.CONFIRMED:
+            # still being set up (the ACK of A may be on its way): re-join once it is established
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call.confirmed.wait(), 35.0)
         async with call.lock:
             if state.phase != CallPhase.CONFIRMED:
                 return
@@ -829,7 +833,6 @@ class B2BUA:
         """re-INVITE or UPDATE from a phone: a session refresh, or a new offer for the other side."""
         state = call.state
         req: Request = inc.request
-        leg, other = state.leg(name), state.leg(CallState.other(name))
         is_invite = req.method == "INVITE"
         if state.phase == CallPhase.ANSWERED:
             with contextlib.suppress(TimeoutError):
@@ -838,86 +841,88 @@ class B2BUA:
             inc.respond(491, headers=[("Retry-After", "1")] if not is_invite else None)
             return
         async with call.lock:
-            contact = [("Contact", self._contact(inc.transport)), ("Allow", ALLOW)]
-            if not req.body or media.same_session_version(leg.remote_sdp, req.body):
-                # A refresh (RFC 4028) or an unchanged offer: answered here, not relayed.
-                headers = contact + self._timer_response_headers(leg, req)
-                if not req.body and not is_invite:
-                    inc.respond(200, headers=headers)
-                else:
-                    inc.respond(200, headers=headers, body=leg.local_sdp, content_type=SDP)
-                if is_invite:
-                    await inc.wait_ack(32.0)
-                return
-            ctype = (req.content_type or "").split(";")[0].strip().lower()
-            if ctype != SDP:
-                inc.respond(415, headers=[("Accept", SDP)])
-                return
-            try:
-                offer = SessionDescription.parse(req.body)
-                if state.recording:
-                    other_body = media.anchor(
-                        offer, *state.mcp[media.LABELS[other.name]], other.owner
-                    ).to_bytes()
-                else:
-                    other_body = req.body
-            except (SdpParseError, MediaError) as exc:
-                inc.respond(
-                    488, "Not Acceptable Here (malformed SDP)", headers=[_warning(self._host, str(exc))]
-                )
-                return
-            log.info(
-                "call %s: %s offer from %s%s",
-                state.id[:8],
-                req.method,
-                "caller" if name == "a" else "callee",
-                " (hold)" if _held(offer) else "",
-            )
-            if is_invite:
-                resp = await self._reinvite(call, other, other_body, self._refresh_headers(other))
-            else:
-                assert other.dialog is not None
-                upd = other.dialog.create_request(
-                    "UPDATE", body=other_body, content_type=SDP, headers=self._refresh_headers(other)
-                )
-                resp = await self._request(other, upd)
-            if resp is None:
-                inc.respond(500, "Server Internal Error (the other party is unreachable)")
-                return
-            if resp.status >= 300:
-                status = resp.status if resp.status in (488, 491, 606) else map_failure(resp.status)[0]
-                inc.respond(
-                    status,
-                    resp.reason if status == resp.status else None,
-                    headers=[(n, v) for n in _FAILURE_HEADERS for v in resp.headers.get_all(n)],
-                )
-                if resp.status in (408, 481):
-                    await self.end_call(call, f"{other.name} leg gone ({resp.status})")
-                return
-            other.timer = st.timer_from_uac_response(resp, other.timer.interval or self.sip.session_expires)
-            other.timer.start(self.clock())
-            try:
-                answer = SessionDescription.parse(resp.body)
-                if state.recording:
-                    leg_body = media.anchor(answer, *state.mcp[media.LABELS[name]], leg.owner).to_bytes()
-                else:
-                    leg_body = resp.body
-            except (SdpParseError, MediaError) as exc:
-                log.error("call %s: unusable answer from %s: %s", state.id[:8], other.name, exc)
-                inc.respond(502, "Bad Gateway", headers=[_warning(self._host, str(exc))])
-                return
-            other.local_sdp, other.remote_sdp = other_body, resp.body
-            leg.remote_sdp = req.body
-            if state.recording:
-                a_sdp = offer if name == "a" else answer
-                b_sdp = answer if name == "a" else offer
-                await self._update_bridge(call, a_sdp, b_sdp)
-            leg.local_sdp = leg_body
+            await self._offer_locked(call, name, inc)
+        final = inc.final_response
+        if is_invite and final is not None and 200 <= final.status < 300:
+            await inc.wait_ack(32.0)  # outside the lock: a lost ACK must not block the call
+
+    async def _offer_locked(self, call: Call, name: str, inc: Any) -> None:
+        state = call.state
+        req: Request = inc.request
+        leg, other = state.leg(name), state.leg(CallState.other(name))
+        is_invite = req.method == "INVITE"
+        contact = [("Contact", self._contact(inc.transport)), ("Allow", ALLOW)]
+        if not req.body or media.same_session_version(leg.remote_sdp, req.body):
+            # A refresh (RFC 4028) or an unchanged offer: answered here, not relayed.
             headers = contact + self._timer_response_headers(leg, req)
-            inc.respond(200, headers=headers, body=leg_body, content_type=SDP)
-            self._changed(call)
-            if is_invite:
-                await inc.wait_ack(32.0)
+            if not req.body and not is_invite:
+                inc.respond(200, headers=headers)
+            else:
+                inc.respond(200, headers=headers, body=leg.local_sdp, content_type=SDP)
+            return
+        ctype = (req.content_type or "").split(";")[0].strip().lower()
+        if ctype != SDP:
+            inc.respond(415, headers=[("Accept", SDP)])
+            return
+        try:
+            offer = SessionDescription.parse(req.body)
+            if state.recording:
+                other_body = media.anchor(offer, *state.mcp[media.LABELS[other.name]], other.owner).to_bytes()
+            else:
+                other_body = req.body
+        except (SdpParseError, MediaError) as exc:
+            inc.respond(488, "Not Acceptable Here (malformed SDP)", headers=[_warning(self._host, str(exc))])
+            return
+        log.info(
+            "call %s: %s offer from %s%s",
+            state.id[:8],
+            req.method,
+            "caller" if name == "a" else "callee",
+            " (hold)" if _held(offer) else "",
+        )
+        if is_invite:
+            resp = await self._reinvite(call, other, other_body, self._refresh_headers(other))
+        else:
+            assert other.dialog is not None
+            upd = other.dialog.create_request(
+                "UPDATE", body=other_body, content_type=SDP, headers=self._refresh_headers(other)
+            )
+            resp = await self._request(other, upd)
+        if resp is None:
+            inc.respond(500, "Server Internal Error (the other party is unreachable)")
+            return
+        if resp.status >= 300:
+            status = resp.status if resp.status in (488, 491, 606) else map_failure(resp.status)[0]
+            inc.respond(
+                status,
+                resp.reason if status == resp.status else None,
+                headers=[(n, v) for n in _FAILURE_HEADERS for v in resp.headers.get_all(n)],
+            )
+            if resp.status in (408, 481):
+                await self.end_call(call, f"{other.name} leg gone ({resp.status})")
+            return
+        other.timer = st.timer_from_uac_response(resp, other.timer.interval or self.sip.session_expires)
+        other.timer.start(self.clock())
+        try:
+            answer = SessionDescription.parse(resp.body)
+            if state.recording:
+                leg_body = media.anchor(answer, *state.mcp[media.LABELS[name]], leg.owner).to_bytes()
+            else:
+                leg_body = resp.body
+        except (SdpParseError, MediaError) as exc:
+            log.error("call %s: unusable answer from %s: %s", state.id[:8], other.name, exc)
+            inc.respond(502, "Bad Gateway", headers=[_warning(self._host, str(exc))])
+            return
+        other.local_sdp, other.remote_sdp = other_body, resp.body
+        leg.remote_sdp = req.body
+        if state.recording:
+            a_sdp = offer if name == "a" else answer
+            b_sdp = answer if name == "a" else offer
+            await self._update_bridge(call, a_sdp, b_sdp)
+        leg.local_sdp = leg_body
+        headers = contact + self._timer_response_headers(leg, req)
+        inc.respond(200, headers=headers, body=leg_body, content_type=SDP)
+        self._changed(call)
 
     def _refresh_headers(self, leg: Leg) -> list[tuple[str, str]]:
         interval = leg.timer.interval or self.sip.session_expires

@@ -160,6 +160,7 @@ class Phone:
         self.rtp_port = next(_ports)
         self.sdp_version = 1
         self.reject_reinvite: int | None = None
+        self.reinvite_delay = 0.0
 
     async def start(self) -> Phone:
         await self.ep.start()
@@ -302,6 +303,8 @@ class Phone:
         dialog.receive_request(req)
         await self.received.put(req)
         if req.method == "INVITE":
+            if self.reinvite_delay:
+                await asyncio.sleep(self.reinvite_delay)
             if self.reject_reinvite:
                 inc.respond(self.reject_reinvite)
                 return

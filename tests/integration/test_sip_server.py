@@ -17,6 +17,7 @@ import pytest
 from services import config as config_mod
 from services.sdp import SessionDescription
 from services.sip.aio import IncomingRequest, SipEndpoint
+from services.sip.dialog import Dialog
 from services.sip.message import Request
 from services.sip_server.daemon import SipServer
 from services.sip_server.policy import unb64json
@@ -78,6 +79,7 @@ class FakeBridge:
         self.requests: list[Request] = []
         self.byes: asyncio.Queue[Request] = asyncio.Queue()
         self.tag = "mcptag"
+        self.dialog: Dialog | None = None
 
     async def _on_request(self, inc: IncomingRequest) -> None:
         req = inc.request
@@ -101,6 +103,10 @@ class FakeBridge:
             b"m=audio 31000 RTP/AVP 0 8 101\r\na=label:caller\r\na=sendrecv\r\n"
             b"m=audio 31002 RTP/AVP 0 8 101\r\na=label:callee\r\na=sendrecv\r\n"
         )
+        if self.dialog is None:
+            self.dialog = Dialog.from_uas(req, self.tag, local_target=self.ep.contact_uri("mcp"))
+        else:
+            self.dialog.receive_request(req)
         inc.respond(
             200,
             to_tag=self.tag,
@@ -109,6 +115,13 @@ class FakeBridge:
             headers=[("Contact", f"<{self.ep.contact_uri('mcp')}>")],
         )
         await inc.wait_ack(5.0)
+
+    async def bye(self) -> int:
+        """End the recording session from the MCP side."""
+        assert self.dialog is not None
+        host, port, transport = self.dialog.next_hop()
+        resp = await self.ep.request(self.dialog.create_request("BYE"), (host, port), transport)
+        return resp.status
 
     @property
     def invites(self) -> list[Request]:
@@ -443,6 +456,74 @@ async def test_bridge_failure_call_goes_on_unrecorded() -> None:
     async with running_lab(FakeBridge(status=503)) as lab:
         _a, b, out, _inc = await established(lab, "2001", "2002")
         assert SessionDescription.parse(out.response.body).media_address(0) == ("127.0.0.1", b.rtp_port)
+
+
+async def test_recorded_cancel_ends_the_bridge(lab: Lab) -> None:
+    a = await lab.phone("2001")
+    b = await lab.phone("2002")
+    out = await a.call("2002")
+    inc = await b.next_call()
+    inc.ring()
+    await wait_for(lambda: any(r.status == 180 for r in out.provisional))
+    out.cancel()
+    await asyncio.wait_for(inc.inc.cancelled.wait(), 5)
+    inc.reject(487)
+    assert (await out.final()).status == 487
+    await asyncio.wait_for(lab.bridge.byes.get(), 5)
+    await wait_for(lambda: not lab.server.b2bua.calls)
+
+
+async def test_bridge_bye_rejoins_the_parties(lab: Lab) -> None:
+    a, b, out, _inc = await established(lab, "2001", "2002")
+    assert await lab.bridge.bye() == 200
+    to_b = await b.next_request()
+    assert to_b.method == "INVITE"
+    assert SessionDescription.parse(to_b.body).media_address(0) == ("127.0.0.1", a.rtp_port)
+    to_a = await a.next_request()
+    assert to_a.method == "INVITE"
+    assert SessionDescription.parse(to_a.body).media_address(0) == ("127.0.0.1", b.rtp_port)
+    # the call goes on: BYE still reaches the other side
+    assert (await out.send("BYE")).status == 200
+    assert (await b.next_request()).method == "BYE"
+
+
+async def test_callee_over_tcp(lab: Lab) -> None:
+    a = await lab.phone("1001")
+    b = await lab.phone("1002", transport="tcp")
+    out = await a.call("1002")
+    inc = await b.next_call()
+    assert inc.inc.transport == "tcp"
+    await inc.answer()
+    assert (await out.final()).status == 200
+    assert (await inc.request_in_dialog("BYE")).status == 200
+    assert (await a.next_request()).method == "BYE"
+
+
+async def test_overlapping_offers_get_491(lab: Lab) -> None:
+    a, b, out, inc = await established(lab)
+    b.reinvite_delay = 0.5
+    first = asyncio.ensure_future(out.send("INVITE", phone_sdp(a.rtp_port, version=2, direction="sendonly")))
+    await asyncio.sleep(0.1)  # the SIP Server is now waiting for B's answer
+    a.reinvite_delay = 0.0
+    crossing = await inc.request_in_dialog("INVITE", answer_for(phone_sdp(b.rtp_port), b.rtp_port, 7))
+    assert crossing.status == 491
+    assert (await first).status == 200
+
+
+async def test_caller_as_refresher_that_stops_refreshing_is_hung_up() -> None:
+    async with running_lab(session_expires=30, min_se=1) as lab:
+        a = await lab.phone("1001")
+        b = await lab.phone("1002")
+        out = await a.call("1002", headers=[("Supported", "timer"), ("Session-Expires", "2;refresher=uac")])
+        inc = await b.next_call()
+        await inc.answer()
+        resp = await out.final()
+        assert resp.status == 200
+        assert resp.headers.get("Session-Expires") == "2;refresher=uac"
+        assert resp.headers.get("Require") == "timer"
+        # A never refreshes: after 2 - 2/3 s the SIP Server ends the call on both sides
+        assert (await a.next_request(5)).method == "BYE"
+        await wait_for(lambda: not lab.server.b2bua.calls)
 
 
 # --------------------------------------------------------------------------------- lifecycle
