@@ -22,7 +22,7 @@ from services.sip.uri import SipUri
 
 from .affinity import AffinityStore, InMemoryAffinityStore
 from .pool import McpNode, McpPool
-from .proxy import Proxy
+from .proxy import Proxy, is_refusal
 
 log = logging.getLogger("callvault.rm")
 
@@ -81,7 +81,7 @@ class HealthProber:
             self.proxy.note(self.pool.probe_failed(node.name, self.clock(), f"OPTIONS failed: {exc}"))
             return
         now = self.clock()
-        if response.status == 503:
+        if is_refusal(response):
             self.proxy.note(self.pool.probe_draining(node.name, now, f"503 {response.reason}"))
         elif response.status == 408 or response.status >= 500:
             self.proxy.note(

@@ -117,6 +117,13 @@ def stateless_branch(request: Request) -> str:
     return "z9hG4bK-cvs-" + digest[:24]
 
 
+def is_refusal(response: Response) -> bool:
+    """A 503 that the MCP itself sent (it is alive but takes no new sessions), as opposed to the
+    transaction layer's synthetic 503 for a transport error (RFC 3261 8.1.3.1), which carries
+    neither Retry-After nor X-CV-Load."""
+    return response.status == 503 and ("Retry-After" in response.headers or xcv.LOAD in response.headers)
+
+
 @dataclass
 class LocalAddress:
     """The addresses under which requests are meant for this RM itself."""
@@ -192,7 +199,11 @@ class Proxy:
         self.pool = pool
         self.store = store
         self.clock = clock
-        self.me = LocalAddress(endpoint.host, endpoint.port, frozenset({self.rm.host.lower()}))
+        # Record-Route and Via carry the advertised address (a wildcard bind is not routable).
+        advertised = getattr(endpoint, "advertised_host", None) or endpoint.host
+        self.me = LocalAddress(
+            advertised, endpoint.port, frozenset({self.rm.host.lower(), endpoint.host.lower()})
+        )
         self.accepting = True
         self.on_mcp_down: Callable[[str, list[AffinityEntry]], None] = self._report_down
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -386,7 +397,7 @@ class Proxy:
                 t.cancel()
         if response.status in (503, 408) and not state["relayed"] and not incoming.cancelled.is_set():
             self.store.end(out.call_id, self.clock())
-            if response.status == 503:
+            if is_refusal(response):
                 self._note(self.pool.probe_draining(node.name, self.clock(), f"503 {response.reason}"))
             else:
                 self._note(self.pool.probe_failed(node.name, self.clock(), f"INVITE {response.status}"))

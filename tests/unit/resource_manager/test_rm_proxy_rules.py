@@ -145,3 +145,12 @@ def test_pop_top_via_and_stateless_branch() -> None:
     ack.method = "ACK"
     assert stateless_branch(ack) == stateless_branch(ack.copy())
     assert stateless_branch(ack).startswith("z9hG4bK")
+
+
+def test_refusal_is_told_from_a_transport_error() -> None:
+    from services.resource_manager.proxy import is_refusal
+
+    assert is_refusal(Response(503, headers=[("Retry-After", "5")]))
+    assert is_refusal(Response(503, headers=[("X-CV-Load", "3")]))
+    assert not is_refusal(Response(503))  # the synthetic 503 of a transport error
+    assert not is_refusal(Response(500, headers=[("Retry-After", "5")]))
