@@ -692,6 +692,30 @@ static PyObject *Engine_close(EngineObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *Engine_loop_stats(EngineObject *self, PyObject *unused)
+{
+    PyObject *list;
+    if (!self->eng)
+        return PyList_New(0);
+    list = PyList_New(rc_engine_nthreads(self->eng));
+    for (int i = 0; list && i < rc_engine_nthreads(self->eng); i++) {
+        rc_loop_stats_t ls;
+        PyObject *d;
+        rc_engine_loop_stats(self->eng, i, &ls);
+        d = Py_BuildValue("{s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d,s:K}", "iterations", (unsigned long long)ls.iterations,
+                          "socket_events", (unsigned long long)ls.events, "ticks", (unsigned long long)ls.ticks,
+                          "tick_ms_avg", ls.ticks ? ls.tick_ns / 1e6 / (double)ls.ticks : 0.0, "tick_ms_max",
+                          ls.max_tick_ns / 1e6, "tick_cpu_ms_max", ls.max_tick_cpu_ns / 1e6, "tick_late_ms_max", ls.max_tick_late_ns / 1e6, "io_ms_max",
+                          ls.max_io_ns / 1e6, "events_dropped", (unsigned long long)ls.events_dropped);
+        if (!d) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, d);
+    }
+    return list;
+}
+
 static PyObject *Engine_enter(EngineObject *self, PyObject *unused)
 {
     return Py_NewRef(self);
@@ -732,6 +756,8 @@ static PyMethodDef Engine_methods[] = {
     {"session_stats", (PyCFunction)Engine_session_stats, METH_O, "session_stats(session) -> dict"},
     {"close_session", (PyCFunction)Engine_close_session, METH_O, "close_session(session) -> dict"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "close every session and stop the threads"},
+    {"loop_stats", (PyCFunction)Engine_loop_stats, METH_NOARGS,
+     "loop_stats() -> [per-thread dict]: iterations, socket events, writer ticks and their worst times"},
     {"__enter__", (PyCFunction)Engine_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Engine_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL}};

@@ -13,6 +13,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@
 #define TICK_NS 20000000LL             /* the writer runs every 20 ms */
 #define WBUF 16384                     /* per-session WAV write buffer */
 #define EVQ_MAX 65536
+#define HOT_MAX 1024                   /* sockets whose last read filled a batch: read again soon */
 
 typedef struct rc_session rc_session_t;
 
@@ -46,7 +48,7 @@ struct rc_session {
     rc_rec_t rec;
     int fd, write_errno;
     uint8_t *wbuf;
-    size_t wlen;
+    size_t wlen, wlimit;
     uint64_t data_bytes;
     rc_leg_io_t io[2];
     int64_t last_rx, timeout_ns;
@@ -69,6 +71,9 @@ typedef struct {
     rc_rtp_t parsed[BATCH];
     int valid[BATCH];
     uint8_t bufs[BATCH][PKT_MAX];
+    rc_loop_stats_t ls;
+    rc_sock_t *hot[HOT_MAX];
+    int nhot;
 } rc_thread_t;
 
 struct rc_engine {
@@ -155,6 +160,13 @@ size_t rc_engine_take_events(rc_engine_t *e, rc_event_t **out)
 }
 
 int rc_engine_event_fd(const rc_engine_t *e) { return e->evfd; }
+
+void rc_engine_loop_stats(const rc_engine_t *e, int thread, rc_loop_stats_t *out)
+{
+    /* counters of a running thread, read without locking: diagnostics only */
+    *out = e->threads[thread].ls;
+    out->events_dropped = e->ev_dropped;
+}
 int rc_engine_nthreads(const rc_engine_t *e) { return e->nthreads; }
 
 /* ---- WAV ----------------------------------------------------------------------------------- */
@@ -201,14 +213,14 @@ static void wav_sink(void *ctx, const int16_t *pcm, size_t frames, int channels)
     const uint8_t *src = (const uint8_t *)pcm;   /* s16le: this engine targets little-endian hosts */
     s->data_bytes += n;
     while (n) {
-        size_t k = WBUF - s->wlen;
+        size_t k = s->wlimit - s->wlen;
         if (k > n)
             k = n;
         memcpy(s->wbuf + s->wlen, src, k);
         s->wlen += k;
         src += k;
         n -= k;
-        if (s->wlen == WBUF)
+        if (s->wlen >= s->wlimit)
             wav_flush(s);
     }
 }
@@ -242,6 +254,11 @@ static rc_session_t *find_session(rc_thread_t *t, int64_t id, size_t *where)
 static void close_leg_sockets(rc_thread_t *t, rc_leg_io_t *io)
 {
     rc_sock_t *socks[2] = {&io->rtp, &io->rtcp};
+    for (int i = 0; i < t->nhot;)
+        if (t->hot[i] == socks[0] || t->hot[i] == socks[1])
+            t->hot[i] = t->hot[--t->nhot];
+        else
+            i++;
     for (int i = 0; i < 2; i++)
         if (socks[i]->fd >= 0) {
             epoll_ctl(t->epfd, EPOLL_CTL_DEL, socks[i]->fd, NULL);
@@ -332,6 +349,9 @@ static int cmd_open(rc_thread_t *t, rc_cmd_t *c)
     if (s->recording) {
         uint8_t h[44];
         s->wbuf = malloc(WBUF);
+        /* flush points spread over 8-16 KiB so that sessions opened together do not all write in
+         * the same tick */
+        s->wlimit = WBUF / 2 + (size_t)(((uint64_t)s->id * 2654435761u) % (WBUF / 2));
         if (!s->wbuf) {
             free_session(s);
             return ENOMEM;
@@ -433,7 +453,9 @@ static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
     {
         struct epoll_event ev;
         memset(&ev, 0, sizeof ev);
-        ev.events = EPOLLIN;
+        /* edge-triggered: no re-poll of every ready socket on each epoll_wait; a read that fills a
+         * whole batch puts the socket on the hot list instead */
+        ev.events = EPOLLIN | EPOLLET;
         ev.data.ptr = &io->rtp;
         if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, io->rtp.fd, &ev) < 0)
             err = errno;
@@ -558,14 +580,15 @@ static int recv_batch(rc_thread_t *t, int fd)
 {
     for (int i = 0; i < BATCH; i++)
         t->msgs[i].msg_hdr.msg_namelen = sizeof t->addrs[i];
-    return recvmmsg(fd, t->msgs, BATCH, MSG_DONTWAIT, NULL);
+    /* the raw system call: glibc's wrapper is a cancellation point, which costs on every call */
+    return (int)syscall(SYS_recvmmsg, fd, t->msgs, BATCH, MSG_DONTWAIT, NULL);
 }
 
 static void send_batch(rc_thread_t *t, int fd, int n, uint64_t *sent, uint64_t *errors)
 {
     int off = 0;
     while (off < n) {
-        int r = sendmmsg(fd, t->out + off, (unsigned)(n - off), MSG_DONTWAIT);
+        int r = (int)syscall(SYS_sendmmsg, fd, t->out + off, (unsigned)(n - off), MSG_DONTWAIT);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -586,6 +609,17 @@ static void add_out(rc_thread_t *t, int k, int i, struct sockaddr_in *to)
     t->out[k].msg_hdr.msg_name = to;
 }
 
+static void mark_hot(rc_thread_t *t, rc_sock_t *k, int n)
+{
+    if (n == BATCH) {
+        for (int i = 0; i < t->nhot; i++)
+            if (t->hot[i] == k)
+                return;
+        if (t->nhot < HOT_MAX)
+            t->hot[t->nhot++] = k;
+    }
+}
+
 static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
 {
     rc_session_t *s = k->s;
@@ -596,6 +630,7 @@ static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
     n = recv_batch(t, k->fd);
     if (n <= 0)
         return;
+    mark_hot(t, k, n);
     now = rc_mono_ns();
     for (int i = 0; i < n; i++) {
         t->valid[i] = !(t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) &&
@@ -638,6 +673,7 @@ static void handle_rtcp(rc_thread_t *t, rc_sock_t *k)
     rc_leg_io_t *me = &s->io[L], *peer = &s->io[1 - L];
     int relay = s->mode == RC_MODE_BRIDGE && peer->added && peer->has_rtcp_remote;
     n = recv_batch(t, k->fd);
+    mark_hot(t, k, n);
     for (int i = 0; i < n; i++) {
         /* RFC 3550 6.4: version 2, at least a header and an SSRC */
         if ((t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) || t->msgs[i].msg_len < 8 || (t->bufs[i][0] >> 6) != 2) {
@@ -681,9 +717,21 @@ static void *thread_main(void *arg)
     int64_t next_tick = rc_mono_ns() + TICK_NS;
     init_batches(t);
     while (!t->stop) {
-        int64_t now = rc_mono_ns();
-        int timeout = next_tick > now ? (int)((next_tick - now + 999999) / 1000000) : 0;
-        int n = epoll_wait(t->epfd, evs, 256, timeout), cmds = 0;
+        int64_t now = rc_mono_ns(), t1, t2;
+        int timeout = next_tick > now && !t->nhot ? (int)((next_tick - now + 999999) / 1000000) : 0;
+        int n = epoll_wait(t->epfd, evs, 256, timeout), cmds = 0, nhot = t->nhot;
+        t1 = rc_mono_ns();
+        if (nhot) {
+            rc_sock_t *hot[HOT_MAX];
+            memcpy(hot, t->hot, sizeof hot[0] * (size_t)nhot);
+            t->nhot = 0;
+            for (int i = 0; i < nhot; i++) {
+                if (hot[i]->rtcp)
+                    handle_rtcp(t, hot[i]);
+                else
+                    handle_rtp(t, hot[i]);
+            }
+        }
         for (int i = 0; i < n; i++) {
             rc_sock_t *k = evs[i].data.ptr;
             if (!k)
@@ -697,8 +745,26 @@ static void *thread_main(void *arg)
         if (cmds)
             process_commands(t);
         now = rc_mono_ns();
+        t->ls.iterations++;
+        t->ls.events += (uint64_t)(n > 0 ? n : 0);
+        if (now - t1 > t->ls.max_io_ns)
+            t->ls.max_io_ns = now - t1;
         if (now >= next_tick) {
+            struct timespec c0, c1;
+            int64_t cpu;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
             tick_all(t, now);
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+            cpu = (c1.tv_sec - c0.tv_sec) * 1000000000LL + (c1.tv_nsec - c0.tv_nsec);
+            if (cpu > t->ls.max_tick_cpu_ns)
+                t->ls.max_tick_cpu_ns = cpu;
+            t2 = rc_mono_ns();
+            t->ls.ticks++;
+            t->ls.tick_ns += (uint64_t)(t2 - now);
+            if (t2 - now > t->ls.max_tick_ns)
+                t->ls.max_tick_ns = t2 - now;
+            if (now - next_tick > t->ls.max_tick_late_ns)
+                t->ls.max_tick_late_ns = now - next_tick;
             next_tick += TICK_NS;
             if (next_tick <= now)
                 next_tick = now + TICK_NS;

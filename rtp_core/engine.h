@@ -53,6 +53,13 @@ typedef struct rc_cmd {
 
 typedef struct rc_engine rc_engine_t;
 
+typedef struct {
+    uint64_t iterations, events, ticks, tick_ns, events_dropped;
+    int64_t max_io_ns, max_tick_ns, max_tick_late_ns, max_tick_cpu_ns;
+} rc_loop_stats_t;
+
+void rc_engine_loop_stats(const rc_engine_t *e, int thread, rc_loop_stats_t *out);
+
 rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, char *err,
                            size_t errlen, int *err_no);
 int rc_engine_nthreads(const rc_engine_t *e);

@@ -236,6 +236,18 @@ static void new_stream(rc_rec_t *r, int li, const rc_rtp_t *p)
     L->ev_active = 0;
 }
 
+static void set_mask(uint64_t *mask, int64_t idx, int64_t n)
+{
+    while (n > 0) {
+        int64_t off = idx & 63, cnt = 64 - off;
+        if (cnt > n)
+            cnt = n;
+        mask[idx >> 6] |= (cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off;
+        idx += cnt;
+        n -= cnt;
+    }
+}
+
 static void place(rc_rec_t *r, rc_leg_t *L, int kind, int64_t pos, const rc_rtp_t *p)
 {
     const int16_t *table = kind == RC_PT_PCMU ? rc_ulaw_table : rc_alaw_table;
@@ -251,10 +263,17 @@ static void place(rc_rec_t *r, rc_leg_t *L, int kind, int64_t pos, const rc_rtp_
         L->late++;
         return;
     }
-    for (int64_t q = start; q < end; q++) {
-        int64_t i = q & rmask;
-        L->ring[i] = table[*src++];
-        L->mask[i >> 6] |= 1ULL << (i & 63);
+    /* at most two contiguous pieces of the ring */
+    while (start < end) {
+        int64_t i = start & rmask, cnt = end - start;
+        int16_t *dst = L->ring + i;
+        if (cnt > r->ring_size - i)
+            cnt = r->ring_size - i;
+        for (int64_t j = 0; j < cnt; j++)
+            dst[j] = table[src[j]];
+        set_mask(L->mask, i, cnt);
+        src += cnt;
+        start += cnt;
     }
     if (end > L->max_end)
         L->max_end = end;
@@ -404,57 +423,55 @@ void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const
 
 /* ---- emitting ------------------------------------------------------------------------------ */
 
+static void gap_present(rc_leg_t *L, int64_t pos)
+{
+    if (L->gap_start >= 0) {
+        uint64_t g = (uint64_t)(pos - L->gap_start);
+        L->gap_total += g;
+        if (g > L->gap_longest)
+            L->gap_longest = g;
+        L->gap_start = -1;
+    }
+    L->audio_seen = 1;
+}
+
+/* gap accounting over ring [idx, idx + n) = timeline [pos, pos + n), a mask word at a time */
 static void scan_gaps(rc_leg_t *L, int64_t idx, int64_t n, int64_t pos)
 {
     int64_t i = 0;
     while (i < n) {
-        int64_t b = idx + i;
-        if ((b & 63) == 0 && n - i >= 64) {
-            uint64_t w = L->mask[b >> 6];
-            if (w == ~0ULL || w == 0) {
-                if (w) {
-                    if (L->gap_start >= 0) {
-                        uint64_t g = (uint64_t)(pos + i - L->gap_start);
-                        L->gap_total += g;
-                        if (g > L->gap_longest)
-                            L->gap_longest = g;
-                        L->gap_start = -1;
-                    }
-                    L->audio_seen = 1;
-                } else if (L->audio_seen && L->gap_start < 0) {
-                    L->gap_start = pos + i;
-                }
-                i += 64;
-                continue;
+        int64_t b = idx + i, off = b & 63, cnt = 64 - off;
+        uint64_t m, bits;
+        if (cnt > n - i)
+            cnt = n - i;
+        m = (cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off;
+        bits = L->mask[b >> 6] & m;
+        if (bits == m) {
+            gap_present(L, pos + i);
+        } else if (bits == 0) {
+            if (L->audio_seen && L->gap_start < 0)
+                L->gap_start = pos + i;
+        } else {
+            for (int64_t j = 0; j < cnt; j++) {
+                if ((bits >> (off + j)) & 1)
+                    gap_present(L, pos + i + j);
+                else if (L->audio_seen && L->gap_start < 0)
+                    L->gap_start = pos + i + j;
             }
         }
-        if ((L->mask[b >> 6] >> (b & 63)) & 1) {
-            if (L->gap_start >= 0) {
-                uint64_t g = (uint64_t)(pos + i - L->gap_start);
-                L->gap_total += g;
-                if (g > L->gap_longest)
-                    L->gap_longest = g;
-                L->gap_start = -1;
-            }
-            L->audio_seen = 1;
-        } else if (L->audio_seen && L->gap_start < 0) {
-            L->gap_start = pos + i;
-        }
-        i++;
+        i += cnt;
     }
 }
 
 static void clear_mask(uint64_t *mask, int64_t idx, int64_t n)
 {
-    int64_t i = idx, end = idx + n;
-    while (i < end) {
-        if ((i & 63) == 0 && end - i >= 64) {
-            mask[i >> 6] = 0;
-            i += 64;
-        } else {
-            mask[i >> 6] &= ~(1ULL << (i & 63));
-            i++;
-        }
+    while (n > 0) {
+        int64_t off = idx & 63, cnt = 64 - off;
+        if (cnt > n)
+            cnt = n;
+        mask[idx >> 6] &= ~((cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off);
+        idx += cnt;
+        n -= cnt;
     }
 }
 

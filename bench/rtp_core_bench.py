@@ -1,0 +1,226 @@
+"""rtp_core load benchmark: N concurrent G.711 calls from a C load generator into one Engine process.
+
+The engine runs in its own process pinned to one core (taskset), the generator (bench/loadgen.c,
+compiled here with gcc) on the other.  Bridge mode: every call has two legs, each phone sends 50
+packets/s, the engine relays each packet to the other phone and records both into a stereo WAV.
+Record mode (SIPREC-like): two inbound streams per call, recorded, nothing relayed.
+
+Reported per load: the engine's CPU per inbound packet (from /proc/<pid>/task/*/schedstat, so
+threads and kernel time on its core count), the capacity per core that implies (a call = 100
+inbound packets/s), loss and relay latency seen by the generator, the engine's RSS per call.
+
+    .venv/bin/python bench/rtp_core_bench.py --calls 500,1000 --mode both --seconds 8
+    .venv/bin/python bench/rtp_core_bench.py --find-max --mode bridge
+
+Ends with one `name: value` line per headline figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+# ---- the engine process -------------------------------------------------------------------------
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def engine_main(args: argparse.Namespace) -> None:
+    import rtp_core
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    base = rss_kb()
+    eng = rtp_core.Engine(bind_ip="127.0.0.1", port_min=10000, port_max=32767, threads=args.threads)
+    sids = []
+    lines = []
+    out_dir = Path(args.out_dir)
+    for i in range(args.calls):
+        path = None if args.out_dir == "none" else str(out_dir / f"{i}.wav")
+        sid = eng.open_session(output_path=path, channels=2, mode=args.mode, reorder_ms=args.reorder_ms)
+        lines.append(f"{eng.add_leg(sid, 0)} {eng.add_leg(sid, 1)}")
+        sids.append(sid)
+    Path(args.ports).write_text("\n".join(lines) + "\n")
+    print(json.dumps({"ready": True, "rss_base_kb": base, "rss_open_kb": rss_kb()}), flush=True)
+    sys.stdin.readline()
+    total: dict[str, object] = {"loop": eng.loop_stats()}
+    for sid in sids:
+        st = eng.close_session(sid)
+        total["samples"] = total.get("samples", 0) + st["samples"]  # type: ignore[operator]
+        for leg in st["legs"]:
+            for k in ("packets", "lost", "late", "duplicates", "invalid", "relayed", "send_errors", "reanchors", "gap_total_ms"):
+                total[k] = total.get(k, 0) + leg[k]  # type: ignore[operator]
+    eng.close()
+    print(json.dumps(total), flush=True)
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+
+def cpu_ns(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def build_loadgen(workdir: Path) -> Path:
+    exe = workdir / "loadgen"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "loadgen.c"), "-lm"], check=True)
+    return exe
+
+
+def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, workdir: Path) -> dict:
+    ports = workdir / "ports.txt"
+    out_dir = Path(args.out_dir) / f"rtpbench-{os.getpid()}" if args.out_dir != "none" else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    eng = subprocess.Popen(
+        ["taskset", "-c", args.engine_cpu, sys.executable, __file__, "_engine", "--calls", str(calls),
+         "--mode", mode, "--threads", str(args.threads), "--ports", str(ports),
+         "--out-dir", str(out_dir) if out_dir else "none", "--reorder-ms", str(args.reorder_ms)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert eng.stdout and eng.stdin
+        ready = json.loads(eng.stdout.readline())
+        relay = 1 if mode == "bridge" else 0
+        gen = subprocess.Popen(
+            ["taskset", "-c", args.gen_cpu, str(loadgen), str(ports), str(args.seconds), str(args.warmup),
+             str(relay), str(args.sockets)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        time.sleep(args.warmup + 0.01)
+        c1, t1 = cpu_ns(eng.pid), time.monotonic()
+        time.sleep(max(0.5, args.seconds - args.warmup - 0.3))
+        c2, t2 = cpu_ns(eng.pid), time.monotonic()
+        rss = rss_kb(eng.pid)
+        gen_out = json.loads(gen.communicate(timeout=args.seconds + 30)[0])
+        eng.stdin.write("close\n")
+        eng.stdin.flush()
+        summary = json.loads(eng.stdout.readline())
+        eng.wait(timeout=60)
+    finally:
+        if eng.poll() is None:
+            eng.kill()
+        if out_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    window = t2 - t1
+    pkts = calls * 2 * 50 * window
+    cpu = (c2 - c1) / 1e9
+    us_per_pkt = cpu / pkts * 1e6
+    return {
+        "mode": mode,
+        "calls": calls,
+        "threads": args.threads,
+        "engine_cpu_pct": round(100 * cpu / window, 1),
+        "us_per_packet": round(us_per_pkt, 3),
+        "us_per_call_second": round(us_per_pkt * 100, 1),
+        "calls_per_core": int(1e6 / (us_per_pkt * 100)),
+        "rss_per_call_kb": round((rss - ready["rss_base_kb"]) / calls, 1),
+        "loss_pct": gen_out["loss_pct"] if relay else None,
+        "latency_p50_ms": gen_out["latency_p50_ms"] if relay else None,
+        "latency_p99_ms": gen_out["latency_p99_ms"] if relay else None,
+        "latency_max_ms": gen_out["latency_max_ms"] if relay else None,
+        "generator_lag_max_ms": gen_out["generator_lag_max_ms"],
+        "generator_cpu_pct": round(100 * gen_out["generator_cpu_s"] / (args.seconds + 0.3), 1),
+        "engine_lost": summary.get("lost", 0),
+        "engine_late": summary.get("late", 0),
+        "engine_reanchors": summary.get("reanchors", 0),
+        "engine_gap_ms_per_leg": round(summary.get("gap_total_ms", 0) / (2 * calls), 1),
+        "engine_packets": summary.get("packets", 0),
+        "engine_loop": summary.get("loop"),
+        "sent": gen_out["sent"],
+    }
+
+
+def machine() -> str:
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", default="500,1000", help="comma-separated loads")
+    p.add_argument("--mode", choices=["bridge", "record", "both"], default="both")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sockets", type=int, default=2, help="generator sockets per side")
+    p.add_argument("--reorder-ms", type=int, default=100)
+    p.add_argument("--out-dir", default="/dev/shm", help="where WAVs go (tmpfs by default); 'none' = relay only")
+    p.add_argument("--engine-cpu", default="0")
+    p.add_argument("--gen-cpu", default="1")
+    p.add_argument("--find-max", action="store_true", help="raise the load until loss >= 0.01 %% or late relay")
+    p.add_argument("--json", help="append results (JSON lines) to this file")
+    args = p.parse_args()
+    modes = ["bridge", "record"] if args.mode == "both" else [args.mode]
+    print(f"machine: {machine()}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        loadgen = build_loadgen(Path(tmp))
+        for mode in modes:
+            loads = [int(x) for x in args.calls.split(",")]
+            if args.find_max:
+                loads = list(range(1000, 5001, 500))
+            for calls in loads:
+                r = run_point(args, calls, mode, loadgen, Path(tmp))
+                results.append(r)
+                print(json.dumps(r), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
+                ok = (r["loss_pct"] is None or r["loss_pct"] < 0.01) and (
+                    r["latency_p99_ms"] is None or r["latency_p99_ms"] < 20
+                ) and r["engine_cpu_pct"] < 95
+                if args.find_max and not ok:
+                    break
+    for mode in modes:
+        rs = [r for r in results if r["mode"] == mode]
+        if not rs:
+            continue
+        best = max(rs, key=lambda r: r["calls"])
+        name = "bridged_recorded" if mode == "bridge" else "record_only"
+        print(f"{name}_us_per_packet: {best['us_per_packet']}")
+        print(f"{name}_calls_per_core: {best['calls_per_core']}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_engine":
+        ep = argparse.ArgumentParser()
+        ep.add_argument("_cmd")
+        ep.add_argument("--calls", type=int)
+        ep.add_argument("--mode")
+        ep.add_argument("--threads", type=int)
+        ep.add_argument("--ports")
+        ep.add_argument("--out-dir")
+        ep.add_argument("--reorder-ms", type=int)
+        engine_main(ep.parse_args())
+    else:
+        main()
