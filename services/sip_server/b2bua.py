@@ -252,7 +252,6 @@ class B2BUA:
         if not bindings:
             inc.respond(480, "Temporarily Unavailable (not registered)")
             return
-        inc.respond(100)
         state = CallState(
             tenant=tenant.id, caller=username, callee=callee, a_call_id=req.call_id, created=now
         )
@@ -284,15 +283,14 @@ class B2BUA:
             tenant.id,
             req.call_id,
         )
-        final_sent = False
         try:
             async with call.lock:
-                final_sent = await self._setup(call, inc, tenant, bindings[0], offer, list(timer.headers))
+                await self._setup(call, inc, tenant, bindings[0], offer, list(timer.headers))
         except Exception:
             log.exception("call %s: setup failed", state.id[:8])
-            if not final_sent and not state.a.confirmed:
+            if not inc.answered:
                 with contextlib.suppress(Exception):
-                    inc.respond(500, "Server Internal Error")
+                    inc.respond(500, "Server Internal Error", to_tag=state.a.dialog.local_tag)
             await self.end_call(call, "internal error")
         if state.phase == CallPhase.ENDED or not state.a.confirmed:
             await self.end_call(call, state.end_reason or "setup ended")
@@ -322,7 +320,12 @@ class B2BUA:
             if media.first_audio(offer) is None:
                 log.error("call %s: no audio stream in the offer; the call goes on unrecorded", state.id[:8])
             else:
-                await self._open_recording(call, offer)
+                try:
+                    await self._open_recording(call, offer)
+                except Exception:
+                    # the call is more important than its recording
+                    log.exception("call %s: opening the recording failed; unrecorded", state.id[:8])
+                    state.recording = False
         if inc.cancelled.is_set() or call.abort.is_set():
             status = (487, None) if inc.cancelled.is_set() else call.abort_status
             inc.respond(status[0], status[1], to_tag=a_tag)
@@ -357,6 +360,8 @@ class B2BUA:
         ]:
             b_req.headers.add(name, value)
         b_req.body = b_offer
+        # A B2BUA that loops back to itself must still run out of hops (RFC 3261 16.6 step 3).
+        b_req.headers.set("Max-Forwards", str(max(0, min(70, (req.max_forwards or 70) - 1))))
         state.b.dest = dest
         state.b.local_sdp = b_offer
         self._bind(call, b_call_id, from_.tag or "", "b")
@@ -630,7 +635,11 @@ class B2BUA:
         except (MediaError, ValueError) as exc:
             log.error("call %s: cannot update the bridge (%s)", state.id[:8], exc)
             return False
-        resp = await self._reinvite(call, rec, body)
+        try:
+            resp = await self._reinvite(call, rec, body)
+        except Exception:
+            log.exception("call %s: bridge re-INVITE failed", state.id[:8])
+            return False
         if resp is None or resp.status >= 300:
             log.error(
                 "call %s: bridge re-INVITE failed (%s)",
