@@ -3,7 +3,7 @@
 #   sip-tester (SIPp), baresip-core (softphone), espeak-ng + sox (test speech), gcc + python3-dev
 #   (the rtp_core C extension), python3-venv (the project's virtual environment).
 set -euo pipefail
-pkgs=(sip-tester baresip-core espeak-ng sox gcc python3-venv)
+pkgs=(sip-tester baresip-core espeak-ng sox gcc python3-venv docker-compose)
 # python3-dev only matters when the interpreter is Debian's own.
 if [ "$(command -v python3)" = /usr/bin/python3 ]; then pkgs+=(python3-dev); fi
 missing=()
