@@ -22,24 +22,25 @@ a=fmtp:101 0-11,16
 """
 )
 
-# An offer as baresip 1.0.0 (Debian baresip-core) sends it with g711 loaded and net_interface 127.0.0.1.
+# A real offer of baresip 1.0.0 (Debian baresip-core; net_interface 127.0.0.1, audio_codecs=PCMU),
+# captured by tests/system/test_harness_peers.py.
 BARESIP_OFFER = crlf(
     """
 v=0
-o=- 3871247562 1224186291 IN IP4 127.0.0.1
+o=- 2862536714 1462864814 IN IP4 127.0.0.1
 s=-
 c=IN IP4 127.0.0.1
 t=0 0
-m=audio 10078 RTP/AVP 0 8 101
-b=AS:88
+a=tool:baresip 1.0.0
+m=audio 58110 RTP/AVP 0 101
 a=rtpmap:0 PCMU/8000
-a=rtpmap:8 PCMA/8000
 a=rtpmap:101 telephone-event/8000
 a=fmtp:101 0-15
 a=sendrecv
 a=label:1
-a=ssrc:2393829393 cname:sip:1001@127.0.0.1
 a=rtcp-rsize
+a=ssrc:2932507996 cname:sip:1001@127.0.0.1:58663
+a=minptime:20
 a=ptime:20
 """
 )

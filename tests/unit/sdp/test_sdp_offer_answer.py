@@ -45,6 +45,8 @@ def test_negotiate_sipp_offer() -> None:
 def test_negotiate_keeps_offerer_preference_and_order() -> None:
     m = SessionDescription.parse(BARESIP_OFFER).media[0]
     assert negotiate_formats(m) == [0, 101]
+    assert negotiate_formats(m, ["PCMA"]) == []
+    m, _ = one_media("m=audio 5 RTP/AVP 0 8 101\na=rtpmap:101 telephone-event/8000\n")
     assert negotiate_formats(m, ["PCMA", "PCMU"]) == [0, 101]  # offerer's first supported wins
     assert negotiate_formats(m, ["pcma"]) == [8, 101]  # case-insensitive
 

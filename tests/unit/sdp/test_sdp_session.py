@@ -50,15 +50,17 @@ def test_sipp_offer_fields() -> None:
 
 def test_baresip_offer_fields() -> None:
     sdp = SessionDescription.parse(BARESIP_OFFER)
+    assert sdp.attributes == [("tool", "baresip 1.0.0")]
     m = sdp.media[0]
-    assert m.formats == [0, 8, 101]
-    assert m.bandwidth == [("AS", 88)]
+    assert m.formats == [0, 101]
     assert m.direction == "sendrecv"
     assert m.label == "1"
     assert m.ptime == 20
+    assert m.attribute("minptime") == "20"
     assert m.attribute("rtcp-rsize") is None and m.has_attribute("rtcp-rsize")
-    assert m.attribute("ssrc") == "2393829393 cname:sip:1001@127.0.0.1"
+    assert m.attribute("ssrc") == "2932507996 cname:sip:1001@127.0.0.1:58663"
     assert m.clock_rate(101) == 8000
+    assert m.fmtp == {101: "0-15"}
 
 
 def test_rfc3264_offer_two_media() -> None:
