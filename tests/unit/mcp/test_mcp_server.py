@@ -434,3 +434,30 @@ async def test_recordings_left_in_the_spool_are_recovered_at_start(tmp_path: Pat
     finally:
         await node.stop()
         await node.client.ep.close()
+
+
+async def test_bad_messages_mid_call_do_not_lose_the_recording(node: Node) -> None:
+    response, dialog, _ = await node.client.invite()
+    assert response.status == 200 and dialog is not None
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=node.client.mcp)
+    try:
+        for junk in (b"\xff" * 300, b"BYE sip:x SIP/2.0\r\nVia: nonsense\r\n\r\n", b"SIP/2.0 999\r\n\r\n"):
+            transport.sendto(junk)
+    finally:
+        transport.close()
+    # A broken re-offer is refused; the session keeps its media.
+    bad = await node.client.in_dialog(dialog, "INVITE", b"v=0\r\nm=broken\r\n")
+    assert bad.status == 400
+    unlabelled = await node.client.in_dialog(dialog, "INVITE", offer().replace(b"a=label:caller\r\n", b""))
+    assert unlabelled.status == 488
+    (s,) = node.engine.sessions.values()
+    assert s["remotes"] == {0: ("127.0.0.1", 4000)} and not s["closed"]
+    # Offerless re-INVITE: our current SDP comes back as the offer.
+    again = await node.client.in_dialog(dialog, "INVITE")
+    assert again.status == 200 and SessionDescription.parse(again.body).media[0].port == s["legs"][0]
+    # INFO / UPDATE without SDP are fine, unknown out-of-dialog methods are not.
+    assert (await node.client.in_dialog(dialog, "INFO")).status == 200
+    assert (await node.client.in_dialog(dialog, "BYE")).status == 200
+    (event,) = await node.wait_events(1)
+    assert event["duration"] == 0.5

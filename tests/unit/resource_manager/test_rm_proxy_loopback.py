@@ -291,3 +291,36 @@ async def test_max_forwards_zero_and_unknown_tenant(rig: Rig) -> None:
 async def test_options_to_the_rm(rig: Rig) -> None:
     response = await rig.options_rm()
     assert response.status == 200 and response.headers.get("X-CV-Healthy-MCPs") == "2"
+
+
+async def test_tcp_upstream(rig: Rig) -> None:
+    client = rig.uac.start_request(rig.invite("t1"), rig.rm, "tcp")
+    response = await asyncio.wait_for(client.final(), 10)
+    assert response.status == 200
+    dialog = Dialog.from_uac(client.request, response)
+    assert dialog.route_set == [f"<sip:127.0.0.1:{rig.rm[1]};transport=tcp;lr>"]
+    rig.uac.send_ack(dialog.create_ack(client.request), dialog.next_hop()[:2], "tcp")
+    bye = await asyncio.wait_for(
+        rig.uac.request(dialog.create_request("BYE"), dialog.next_hop()[:2], "tcp"), 10
+    )
+    assert bye.status == 200
+    assert [r.method for r in rig.mcps["mcp1"].others] == ["BYE"]
+    await asyncio.sleep(0.2)
+    assert len(rig.mcps["mcp1"].acks) == 1
+
+
+async def test_garbage_does_not_disturb_the_rm(rig: Rig) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=rig.rm)
+    try:
+        for junk in (
+            b"\x00\xff" * 50,
+            b"INVITE sip:x SIP/2.0\r\n\r\n",
+            b"SIP/2.0 200 OK\r\n\r\n",
+            b"\r\n\r\n",
+        ):
+            transport.sendto(junk)
+    finally:
+        transport.close()
+    response, _, _ = await rig.call(rig.invite("g1"))
+    assert response.status == 200
