@@ -146,6 +146,10 @@ class SipServerConfig:
     recording_timeout: float = 5.0
     #: Graceful shutdown: how long established calls may go on before they are ended by BYE.
     shutdown_timeout: float = 10.0
+    #: Digest algorithms challenged with, most preferred first (RFC 8760 2.4: clients answer the
+    #: first one they support). MD5 leads by default because SIPp 3.6.1 (Debian sip-tester) answers
+    #: only the first challenge and knows only MD5; put "SHA-256" first for phones that do RFC 8760.
+    digest_algorithms: list[str] = field(default_factory=lambda: ["MD5", "SHA-256"])
 
 
 @dataclass
