@@ -56,6 +56,7 @@ __all__ = [
     "free_udp_port",
     "run_uac",
     "scenario_path",
+    "start_registered_uas",
     "start_uas",
 ]
 
@@ -432,3 +433,37 @@ async def start_uas(
     sipp = Sipp(scenario, workdir=workdir, **kwargs)  # type: ignore[arg-type]
     await sipp.start()
     return sipp
+
+
+async def start_registered_uas(
+    scenario: str | os.PathLike[str],
+    registrar: str,
+    user: str,
+    password: str,
+    *,
+    workdir: str | os.PathLike[str],
+    expires: int = 3600,
+    timeout: float = 10.0,
+    **kwargs: object,
+) -> Sipp:
+    """Register ``user`` at ``registrar`` (``uac_register_auth.xml``) from a port, then start the UAS
+    ``scenario`` on that same port, so that calls to ``user`` reach it.
+
+    SIPp cannot register from inside a UAS scenario, so this runs two SIPps one after the other; the
+    Contact (``sip:user@127.0.0.1:PORT``) stays valid for ``expires`` seconds.
+    """
+    workdir = Path(workdir)
+    local_port = kwargs.pop("local_port", None) or free_udp_port()
+    registration = await run_uac(
+        "uac_register_auth.xml",
+        registrar,
+        workdir=workdir / "register",
+        user=user,
+        auth=(user, password),
+        keys={"expires": str(expires)},
+        local_port=local_port,
+        timeout=timeout,
+    )
+    if not registration.ok:
+        raise SippError(f"registering {user} at {registrar} failed\n{registration.describe()}")
+    return await start_uas(scenario, workdir=workdir / "uas", local_port=local_port, **kwargs)

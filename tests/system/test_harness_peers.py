@@ -24,7 +24,7 @@ from tests.helpers.audio import (
     write_wav,
 )
 from tests.helpers.baresip import BaresipError, BaresipPhone
-from tests.helpers.sipp import PCAP_DIR, Sipp, run_uac, start_uas
+from tests.helpers.sipp import PCAP_DIR, Sipp, run_uac, start_registered_uas, start_uas
 
 pytestmark = [
     pytest.mark.system,
@@ -188,6 +188,34 @@ async def test_sipp_register_with_digest(tmp_path: Path) -> None:
             timeout=10,
         )
         assert bad.failed == 1 and bad.received_responses() == [401, 403], bad.describe()
+
+
+async def test_sipp_uas_registered_from_its_own_port(tmp_path: Path) -> None:
+    keys = {"user": "1002", "password": "pw2"}
+    async with Sipp("uas_registrar.xml", workdir=tmp_path / "registrar", keys=keys) as registrar:
+        uas = await start_registered_uas(
+            "uas_echo.xml",
+            f"127.0.0.1:{registrar.local_port}",
+            "1002",
+            "pw2",
+            workdir=tmp_path / "callee",
+            rtp_echo=True,
+        )
+        try:
+            contact = f"Contact: <sip:1002@127.0.0.1:{uas.local_port}>"
+            assert contact in messages(registrar)
+            result = await run_uac(
+                "uac_pcap_auth.xml",
+                f"127.0.0.1:{uas.local_port}",
+                workdir=tmp_path / "caller",
+                service="1002",
+                user="1001",
+                duration_ms=200,
+                timeout=10,
+            )
+            assert result.ok, result.describe()
+        finally:
+            await uas.stop()
 
 
 # -- baresip -------------------------------------------------------------------------------------
