@@ -521,3 +521,21 @@ async def test_dtmf_and_media_timeout_end_the_part(tmp_path: Path) -> None:
     streams = {s["label"]: s for s in event["streams"]}
     assert streams["caller"]["dtmf"] == "7" and streams["callee"]["dtmf"] == ""
     assert any(p[1] & 0x7F == 101 for p in b.received)  # the digit was relayed to the callee unchanged
+
+
+async def test_many_concurrent_sessions_are_spread_and_all_recorded(lab: Lab) -> None:
+    n = 30
+    bridges = await asyncio.gather(
+        *(lab.uac.invite(f"{i:032x}", ("127.0.0.1", 4000 + 2 * i)) for i in range(n))
+    )
+    assert [b.response.status for b in bridges] == [200] * n
+    per_mcp = {
+        port: sum(1 for b in bridges if b.mcp_port == port)
+        for port in (lab.mcp_port("mcp1"), lab.mcp_port("mcp2"))
+    }
+    assert all(count >= n // 4 for count in per_mcp.values()), per_mcp  # both MCPs took a share
+    byes = await asyncio.gather(*(lab.uac.bye(b) for b in bridges))
+    assert [r.status for r in byes] == [200] * n
+    events = await lab.wait_events(n)
+    assert len({e["id"] for e in events}) == n
+    assert {e["session_id"] for e in events} == {f"{i:032x}" for i in range(n)}
