@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from services.config import ClusterConfig
+from services.config import ClusterConfig, ConfigError
 from services.sip.aio import IncomingRequest, SipEndpoint
 from services.sip.auth import DigestChallenger
 from services.sip.errors import InvalidStateError, SipParseError
@@ -48,7 +48,10 @@ class SipServer:
         self.config = config
         self.clock = clock
         secret = sip.nonce_secret.encode("utf-8") if sip.nonce_secret else secrets.token_bytes(32)
-        self.challenger = DigestChallenger(sip.realm, secret)
+        try:
+            self.challenger = DigestChallenger(sip.realm, secret, algorithms=sip.digest_algorithms)
+        except ValueError as exc:
+            raise ConfigError(f"sip_server.digest_algorithms: {exc}") from None
         self.endpoint = SipEndpoint(host=sip.host, port=sip.port, name="sip-server", timers=timers)
         self.registrar = Registrar(config, self.challenger)
         self.b2bua = B2BUA(config, self.endpoint, self.registrar, self.challenger, clock=clock)
