@@ -112,7 +112,7 @@ class Call:
         self.lock = asyncio.Lock()
         #: Set to abandon a call still being set up (BYE from B during setup, shutdown).
         self.abort = asyncio.Event()
-        self.abort_status = (503, "Service Unavailable")
+        self.abort_status: tuple[int, str | None] = (503, "Service Unavailable")
         self.ended = asyncio.Event()
         #: Set when A's ACK arrived: a phone may send a re-INVITE right after its ACK, before the
         #: setup coroutine has seen the ACK; that is not glare.
@@ -327,8 +327,8 @@ class B2BUA:
                     log.exception("call %s: opening the recording failed; unrecorded", state.id[:8])
                     state.recording = False
         if inc.cancelled.is_set() or call.abort.is_set():
-            status = (487, None) if inc.cancelled.is_set() else call.abort_status
-            inc.respond(status[0], status[1], to_tag=a_tag)
+            code, text = (487, None) if inc.cancelled.is_set() else call.abort_status
+            inc.respond(code, text, to_tag=a_tag)
             state.end_reason = "cancelled"
             return True
 
@@ -436,8 +436,8 @@ class B2BUA:
             state.end_reason = "callee SDP"
             return True
         if inc.cancelled.is_set() or call.abort.is_set():
-            status = (487, None) if inc.cancelled.is_set() else call.abort_status
-            inc.respond(status[0], status[1], to_tag=a_tag)
+            code, text = (487, None) if inc.cancelled.is_set() else call.abort_status
+            inc.respond(code, text, to_tag=a_tag)
             state.end_reason = "cancelled after answer"
             return True
         a_answer = resp.body
@@ -446,8 +446,8 @@ class B2BUA:
                 await self._update_bridge(call, offer, answer)
             a_answer = media.anchor(answer, *state.mcp["caller"], state.a.owner).to_bytes()
         if inc.cancelled.is_set() or call.abort.is_set():
-            status = (487, None) if inc.cancelled.is_set() else call.abort_status
-            inc.respond(status[0], status[1], to_tag=a_tag)
+            code, text = (487, None) if inc.cancelled.is_set() else call.abort_status
+            inc.respond(code, text, to_tag=a_tag)
             state.end_reason = "cancelled after answer"
             return True
         state.a.local_sdp = a_answer
