@@ -352,7 +352,9 @@ async def test_missing_ack_finalises_the_session(node: Node, monkeypatch: pytest
     (event,) = await node.wait_events(1)
     assert event["session_id"] == BRIDGE.session_id
     # The MCP ended the dialog it could not confirm (RFC 3261 13.3.1.4).
-    await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while not node.client.requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     assert [r.method for r in node.client.requests] == ["BYE"]
 
 

@@ -39,6 +39,13 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never met"
+        await asyncio.sleep(0.02)
+
+
 @dataclass
 class FakeMcp:
     """A scripted MCP: ``mode`` decides how it answers INVITEs."""
@@ -53,10 +60,12 @@ class FakeMcp:
     acks: list[Request] = field(default_factory=list)
     others: list[Request] = field(default_factory=list)
     cancelled: int = 0
+    probes: int = 0
 
     async def on_request(self, inc: IncomingRequest) -> None:
         req = inc.request
         if req.method == "OPTIONS":
+            self.probes += 1
             if self.options_down:
                 return  # no answer at all
             headers = [] if self.load is None else [(xcv.LOAD, str(self.load))]
@@ -121,6 +130,20 @@ class Rig:
             dialog = Dialog.from_uac(client.request, response)
             self.uac.send_ack(dialog.create_ack(client.request), dialog.next_hop()[:2])
         return response, dialog, client
+
+    async def probe_rounds(self, rounds: int = 2, timeout: float = 10.0) -> None:
+        """Wait until every fake MCP got ``rounds`` more OPTIONS (and the RM saw the answers)."""
+        target = {name: m.probes + rounds + 1 for name, m in self.mcps.items()}
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(m.probes < target[name] for name, m in self.mcps.items()):
+            assert asyncio.get_running_loop().time() < deadline, "the RM stopped probing"
+            await asyncio.sleep(0.02)
+
+    async def wait_healthy(self, count: int, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (await self.options_rm()).headers.get("X-CV-Healthy-MCPs") != str(count):
+            assert asyncio.get_running_loop().time() < deadline, f"never {count} healthy MCPs"
+            await asyncio.sleep(0.05)
 
     async def options_rm(self) -> Response:
         req = Request(
@@ -192,7 +215,7 @@ async def test_forwarded_invite_carries_profile_record_route_and_one_hop_less(ri
     )
     assert len(inv.headers.get_all("Via")) == 2
     # The ACK reaches the MCP through the RM (loose routing, forwarded statelessly).
-    await asyncio.sleep(0.2)
+    await until(lambda: rig.mcps["mcp1"].acks)
     (ack,) = rig.mcps["mcp1"].acks
     assert "Route" not in ack.headers and len(ack.headers.get_all("Via")) == 2
     # In-dialog requests from either side pass the RM.
@@ -206,12 +229,12 @@ async def test_forwarded_invite_carries_profile_record_route_and_one_hop_less(ri
 async def test_least_loaded_by_reported_load_and_affinity(rig: Rig) -> None:
     rig.mcps["mcp1"].load = 10
     rig.mcps["mcp2"].load = 1
-    await asyncio.sleep(0.3)  # a few probe rounds
+    await rig.probe_rounds()
     r1, _, _ = await rig.call(rig.invite("sA"))
     assert r1.status == 200 and len(rig.mcps["mcp2"].invites) == 1
     rig.mcps["mcp1"].load = 0
     rig.mcps["mcp2"].load = 5
-    await asyncio.sleep(0.3)
+    await rig.probe_rounds()
     r2, _, _ = await rig.call(rig.invite("sB"))
     assert r2.status == 200 and len(rig.mcps["mcp1"].invites) == 1
     # A second part of sA stays with mcp2 although mcp1 is less loaded.
@@ -227,9 +250,8 @@ async def test_failover_on_503_and_on_silence(rig: Rig) -> None:
     rig.mcps["mcp1"].mode = "answer"
     rig.mcps["mcp2"].mode = "silent"
     rig.mcps["mcp2"].ep.layer.send_trying = False  # a hung MCP: not even 100 Trying
-    await asyncio.sleep(0.3)  # mcp1's 503 made it draining until its next OPTIONS 200
     rig.mcps["mcp1"].load = 3  # mcp2 looks better, but does not answer
-    await asyncio.sleep(0.3)
+    await rig.probe_rounds()  # mcp1's 503 made it draining until its next OPTIONS 200
     started = asyncio.get_running_loop().time()
     response, _, _ = await rig.call(rig.invite("s2"))
     assert response.status == 200 and len(rig.mcps["mcp2"].invites) == 1 + 1
@@ -239,20 +261,20 @@ async def test_failover_on_503_and_on_silence(rig: Rig) -> None:
 async def test_no_healthy_mcp_is_503_with_retry_after(rig: Rig) -> None:
     for m in rig.mcps.values():
         m.options_down = True
-    await asyncio.sleep(0.6)  # > failures_before_down * options_interval
+    await rig.wait_healthy(0)
     response, _, _ = await rig.call(rig.invite())
     assert response.status == 503 and response.headers.get("Retry-After") == "7"
     assert all(not m.invites for m in rig.mcps.values())
     assert (await rig.options_rm()).headers.get("X-CV-Healthy-MCPs") == "0"
     rig.mcps["mcp2"].options_down = False  # back on the next 200
-    await asyncio.sleep(0.3)
+    await rig.wait_healthy(1)
     response, _, _ = await rig.call(rig.invite())
     assert response.status == 200 and len(rig.mcps["mcp2"].invites) == 1
 
 
 async def test_draining_mcp_gets_no_new_sessions(rig: Rig) -> None:
     rig.mcps["mcp1"].draining = True
-    await asyncio.sleep(0.3)
+    await rig.wait_healthy(1)
     for i in range(3):
         response, _, _ = await rig.call(rig.invite(f"d{i}"))
         assert response.status == 200
@@ -305,8 +327,7 @@ async def test_tcp_upstream(rig: Rig) -> None:
     )
     assert bye.status == 200
     assert [r.method for r in rig.mcps["mcp1"].others] == ["BYE"]
-    await asyncio.sleep(0.2)
-    assert len(rig.mcps["mcp1"].acks) == 1
+    await until(lambda: len(rig.mcps["mcp1"].acks) == 1)
 
 
 async def test_garbage_does_not_disturb_the_rm(rig: Rig) -> None:
