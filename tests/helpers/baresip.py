@@ -24,6 +24,9 @@ How it is controlled (what works with 1.0.0):
 - stdout is kept in ``baresip.log`` (the menu's call-status line is ``\\r``-terminated).
 
 Traps found:
+- ``sip_listen 127.0.0.1:P`` binds UDP and TCP on P and SIP/TLS on P + 1 (no way to turn TLS off in
+  1.0.0); if any of them is taken baresip exits with "init failed (Address already in use)". Ports
+  are therefore picked below the ephemeral range, where outgoing TCP connections cannot take them.
 - ``net_interface 127.0.0.1`` is needed or the SDP carries the external address.
 - aufile ends the call when its file ends (menu: "audio error ... end of file"): pad the WAV with
   as much silence as the call should last (``audio.speech_wav(pad_s=...)``). A phone without an
@@ -55,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .audio import silence_wav
-from .sipp import free_udp_port
+from .sipp import free_tcp_port, free_udp_port
 
 __all__ = ["BaresipError", "BaresipEvent", "BaresipPhone"]
 
@@ -86,14 +89,6 @@ class BaresipEvent:
         return str(self.data.get("param", ""))
 
 
-def _free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class BaresipPhone:
     """One baresip process with its own config directory, SIP port, RTP range and ctrl_tcp port."""
 
@@ -120,14 +115,15 @@ class BaresipPhone:
         self.user = user
         self.password = password
         self.server = server
-        self.sip_port = sip_port or free_udp_port()
+        # sip_listen binds UDP and TCP on the port and TLS (TCP) on port + 1.
+        self.sip_port = sip_port or free_udp_port(span=2, tcp=True)
         if rtp_ports is None:
             low = free_udp_port(span=20)
             rtp_ports = (low, low + 19)
         self.rtp_ports = rtp_ports
         self.audio_file = Path(audio_file) if audio_file is not None else None
         self.record_dir = Path(record_dir) if record_dir is not None else self.workdir / "rec"
-        self.ctrl_port = ctrl_port or _free_tcp_port()
+        self.ctrl_port = ctrl_port or free_tcp_port()
         self.answer_mode = answer_mode
         self.codecs = list(codecs)
         self.regint = regint if server else 0

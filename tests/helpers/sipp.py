@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "Sipp",
     "SippError",
     "SippResult",
+    "free_tcp_port",
     "free_udp_port",
     "run_uac",
     "scenario_path",
@@ -80,32 +82,49 @@ def scenario_path(name: str | os.PathLike[str]) -> Path:
     return candidate
 
 
-def free_udp_port(host: str = "127.0.0.1", *, span: int = 1) -> int:
-    """A UDP port such that ``port .. port+span-1`` are free now (racy, good enough on loopback).
+def _fixed_port_range() -> tuple[int, int]:
+    """Ports for peers, below the kernel's ephemeral range (which port-0 binds and outgoing TCP use)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low < 12000:
+        return 10000, 60000
+    return max(10000, low - 12000), low - 64
 
-    ``span`` > 1 gives an even port (RTP convention) with the following ports free too.
+
+def free_udp_port(host: str = "127.0.0.1", *, span: int = 1, tcp: bool = False) -> int:
+    """A port such that ``port .. port+span-1`` are free for UDP (and TCP with ``tcp``) right now.
+
+    Chosen at random below the ephemeral port range, so that neither a port-0 bind elsewhere nor
+    the local end of an outgoing TCP connection can take it between now and the peer's bind (the
+    remaining race is with other callers of this function). ``span`` > 1 gives an even port (RTP).
     """
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    low, high = _fixed_port_range()
+    for _ in range(500):
+        port = random.randrange(low, high - span)
         if span > 1:
             port -= port % 2
-        if port + span > 65535 or port < 1024:
-            continue
+        kinds = [socket.SOCK_DGRAM, socket.SOCK_STREAM] if tcp else [socket.SOCK_DGRAM]
         sockets: list[socket.socket] = []
         try:
             for p in range(port, port + span):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind((host, p))
+                for kind in kinds:
+                    sock = socket.socket(socket.AF_INET, kind)
+                    sockets.append(sock)
+                    sock.bind((host, p))
             return port
         except OSError:
             continue
         finally:
-            for s in sockets:
-                s.close()
-    raise SippError("no free UDP port found")
+            for sock in sockets:
+                sock.close()
+    raise SippError("no free port found")
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A free TCP (and UDP) port below the ephemeral range."""
+    return free_udp_port(host, tcp=True)
 
 
 @dataclass
