@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -444,7 +445,10 @@ class B2BUA:
         if state.recording:
             if not media.same_session_version(early_sdp, resp.body):
                 await self._update_bridge(call, offer, answer)
-            a_answer = media.anchor(answer, *state.mcp["caller"], state.a.owner).to_bytes()
+            try:
+                a_answer = media.anchor(answer, *state.mcp["caller"], state.a.owner).to_bytes()
+            except MediaError as exc:  # B declined the audio stream: nothing to anchor
+                log.warning("call %s: B's answer not anchored (%s)", state.id[:8], exc)
         if inc.cancelled.is_set() or call.abort.is_set():
             code, text = (487, None) if inc.cancelled.is_set() else call.abort_status
             inc.respond(code, text, to_tag=a_tag)
@@ -504,7 +508,10 @@ class B2BUA:
                         offer = SessionDescription.parse(state.a.remote_sdp)
                         await self._update_bridge(call, offer, early)
                         early_sdp = resp.body
-                    body = media.anchor(early, *state.mcp["caller"], state.a.owner).to_bytes()
+                    try:
+                        body = media.anchor(early, *state.mcp["caller"], state.a.owner).to_bytes()
+                    except MediaError:
+                        body = b""  # no audio to anchor: ringing without early media
         if inc.cancelled.is_set() or state.a.confirmed:
             return early_sdp
         inc.respond(
@@ -539,8 +546,6 @@ class B2BUA:
     async def _open_recording(self, call: Call, offer: SessionDescription) -> None:
         """INVITE the RM for a bridge; on success the call's media is anchored on the MCP."""
         state = call.state
-        import uuid
-
         state.session_id = state.session_id or uuid.uuid4().hex
         rec = Leg("rec", owner=SdpOwner(self._host))
         try:
