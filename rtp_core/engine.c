@@ -21,7 +21,8 @@
 
 #define BATCH 64
 #define PKT_MAX 2048
-#define TICK_NS 20000000LL             /* the writer runs every 20 ms */
+#define TICK_NS 1000000LL              /* the writer wakes every 1 ms ... */
+#define TICK_PHASES 20                 /* ... and serves 1/20 of the sessions: each one every 20 ms */
 #define WBUF 16384                     /* per-session WAV write buffer */
 #define EVQ_MAX 65536
 #define HOT_MAX 1024                   /* sockets whose last read filled a batch: read again soon */
@@ -694,7 +695,10 @@ static void handle_rtcp(rc_thread_t *t, rc_sock_t *k)
 
 static void tick_all(rc_thread_t *t, int64_t now)
 {
-    for (size_t i = 0; i < t->nsess; i++) {
+    /* spreading the sessions over the phases keeps each pass short, so relayed packets never wait
+     * behind the writer of every session at once */
+    size_t phase = (size_t)(t->ls.ticks % TICK_PHASES);
+    for (size_t i = phase; i < t->nsess; i += TICK_PHASES) {
         rc_session_t *s = t->sessions[i];
         if (s->recording)
             rc_rec_tick(&s->rec, now);
