@@ -45,6 +45,8 @@ def make_config(rm_port: int, **sip: Any) -> config_mod.ClusterConfig:
                 "no_answer_timeout": 3.0,
                 "recording_timeout": 1.0,
                 "shutdown_timeout": 1.0,
+                # the phones answer the first challenge: SHA-256 end to end (the daemon test uses MD5)
+                "digest_algorithms": ["SHA-256", "MD5"],
                 **sip,
             },
             "tenants": [
@@ -555,6 +557,7 @@ async def test_daemon_run_serves_and_stops() -> None:
     port = free_port()
     config = make_config(free_port())
     config.sip_server.port = port
+    config.sip_server.digest_algorithms = ["MD5"]  # the default
     ready = asyncio.Event()
     task = asyncio.ensure_future(run(config, ready=ready.set))
     await asyncio.wait_for(ready.wait(), 5)
