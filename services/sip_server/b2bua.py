@@ -1021,9 +1021,7 @@ class B2BUA:
                 return
             headers = self._refresh_headers(leg)
             if leg.allow_update:
-                req = leg.dialog.create_request(
-                    "UPDATE", headers=[("Contact", self._contact(leg.destination()[2])), *headers]
-                )
+                req = leg.dialog.create_request("UPDATE", headers=headers)
                 resp = await self._request(leg, req)
             else:
                 resp = await self._reinvite(call, leg, leg.local_sdp, headers)

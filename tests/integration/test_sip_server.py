@@ -373,6 +373,8 @@ async def test_session_timer_refreshes_both_legs() -> None:
         seen_b = await b.next_request(4)
         # A allowed UPDATE; B did not say, so it gets a re-INVITE repeating the same SDP
         assert seen_a.method == "UPDATE"
+        assert len(seen_a.headers.get_all("Contact")) == 1
+        assert seen_a.headers.get("Session-Expires") == "2;refresher=uac"
         assert seen_b.method == "INVITE"
         assert seen_b.body == inc.request.body
         assert lab.server.b2bua.calls  # still up
