@@ -1,0 +1,3 @@
+"""The SIP Server: registrar (``registrar``), B2BUA call control (``b2bua``, ``call``), tenant
+recording policy (``policy``), recording-bridge SDP rewriting (``media``), session timers
+(``session_timer``) and the daemon (``daemon``). The flows are drawn in docs/CALL_FLOWS.md."""
