@@ -205,8 +205,28 @@ def test_errors(engine: rtp_core.Engine, tmp_path: Path) -> None:
         engine.close_session(sid)
 
 
+def free_port_block(n: int) -> int:
+    """An even port p with p .. p + n - 1 free on 127.0.0.1 (below the ephemeral range)."""
+    rnd = np.random.default_rng()
+    while True:
+        p = int(rnd.integers(6000, 15000)) * 2
+        socks = []
+        try:
+            for q in range(p, p + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 def test_port_exhaustion_is_oserror() -> None:
-    with rtp_core.Engine(port_min=32000, port_max=32003) as e:
+    p = free_port_block(4)
+    with rtp_core.Engine(port_min=p, port_max=p + 3) as e:
         sid = e.open_session(output_path=None)
         e.add_leg(sid, 0)
         e.add_leg(sid, 1)
@@ -256,3 +276,45 @@ def test_fileno_works_with_asyncio_add_reader(engine: rtp_core.Engine) -> None:
 
     ev = asyncio.run(main())
     assert ev[0][0] == "started" and struct.calcsize("!I") == 4
+
+
+def test_dtmf_and_ssrc_change_events(engine: rtp_core.Engine, tmp_path: Path) -> None:
+    a = phone()
+    sid = engine.open_session(output_path=str(tmp_path / "d.wav"))
+    pa = engine.add_leg(sid, 0)
+    engine.set_payload_types(sid, 0, {0: "PCMU", 96: "telephone-event"})
+    pkts = [d for _, d in stream(440, 5, ssrc=7)]
+    for i in range(4):  # digit '#' (11), end packet three times
+        end = 0x80 if i >= 1 else 0
+        pkts.append(ref.build_rtp(96, 1005 + i, 50_000 + 800, 7, bytes([11, end, 3, 32])))
+    pkts += [d for _, d in stream(440, 5, ssrc=8, seq0=1, ts0=1)]
+    for d in pkts:
+        a.sendto(d, ("127.0.0.1", pa))
+        time.sleep(0.002)
+    ev = wait_events(engine, {"started", "dtmf", "ssrc_change"})
+    st = engine.close_session(sid)
+    assert ("dtmf", sid, 0, ("#", 100)) in ev
+    assert ("ssrc_change", sid, 0, 8) in ev
+    assert st["legs"][0]["dtmf"] == "#" and st["legs"][0]["ssrc"] == 8
+
+
+def test_many_sessions_on_two_threads_open_and_close_under_traffic(tmp_path: Path) -> None:
+    with rtp_core.Engine(port_min=33000, port_max=33999, threads=2) as e:
+        assert e.threads == 2
+        a = phone()
+        live: dict[int, int] = {}
+        pkts = [d for _, d in stream(440, 30)]
+        for round_ in range(30):
+            sid = e.open_session(output_path=str(tmp_path / f"{round_}.wav"), channels=1 + round_ % 2)
+            live[sid] = e.add_leg(sid, round_ % 2)
+            for port in live.values():
+                a.sendto(pkts[round_], ("127.0.0.1", port))
+            if round_ % 3 == 2:
+                victim = next(iter(live))
+                st = e.close_session(victim)
+                assert st["legs"][0]["packets"] + st["legs"][1]["packets"] <= 30
+                del live[victim]
+            e.poll_events()
+        for sid in list(live):
+            e.session_stats(sid)
+        assert len(e.loop_stats()) == 2
