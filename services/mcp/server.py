@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -80,6 +81,7 @@ class McpServer:
         self._finalising: dict[str, asyncio.Task[None]] = {}  # recording id -> task
         self._tasks: set[asyncio.Task[Any]] = set()
         self.finalised = 0
+        self.discarded = 0
 
     @property
     def load(self) -> int:
@@ -345,8 +347,10 @@ class McpServer:
             self._answer(incoming, 481, "Call/Transaction Does Not Exist")
             return
         self._answer(incoming, 200)
-        log.info("recording %s: BYE from %s", session.recording_id, incoming.source)
-        self._finalise_soon(session, "BYE")
+        cause = _reason_cause(request.headers.get_all("Reason"))
+        session.unanswered = cause is not None and cause != 200
+        log.info("recording %s: BYE from %s (cause %s)", session.recording_id, incoming.source, cause)
+        self._finalise_soon(session, "BYE" if not session.unanswered else "BYE, call not answered")
 
     # -- engine events --------------------------------------------------------------------------------
     def on_engine_readable(self) -> None:
@@ -445,6 +449,22 @@ class McpServer:
         """Move the file into storage and queue its event, retrying on storage errors (the file and
         its sidecar stay in the spool meanwhile, so even a crash here loses nothing)."""
         rid = session.recording_id
+        if (
+            session.unanswered
+            and stats is not None
+            and not any(leg.get("packets") for leg in stats.get("legs", []))
+        ):
+            # The SIP Server ended the bridge of a call that was never answered (CANCEL, busy, no
+            # answer) and no RTP (early media) ever arrived: there is nothing to listen to, so no
+            # recording is filed. An answered call without media is filed: its zero packet counts are
+            # what an operator needs to see.
+            await asyncio.to_thread(_discard, session.spool_path, self.spool, rid)
+            session.state = State.DONE
+            self.sessions.pop(session.call_id, None)
+            self._finalising.pop(rid, None)
+            self.discarded += 1
+            log.info("recording %s discarded (%s): no media was received", rid, session.end_reason)
+            return
         try:
             key = recording_key(session.bridge.tenant, session.start, rid, session.bridge.profile.format)
             stored = await _retry(
@@ -526,6 +546,20 @@ class McpServer:
                 for t in not_done:
                     t.cancel()
                 await asyncio.wait(not_done, timeout=1.0)
+
+
+def _reason_cause(values: list[str]) -> int | None:
+    """The cause of the first ``SIP`` protocol Reason header value (RFC 3326), if any."""
+    for value in values:
+        m = re.match(r"\s*SIP\s*;(?:.*;)?\s*cause\s*=\s*(\d{3})\b", value, re.IGNORECASE)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _discard(spool_file: Path, spool: Path, recording_id: str) -> None:
+    spool_file.unlink(missing_ok=True)
+    remove_sidecar(spool, recording_id)
 
 
 async def _retry(make: Callable[[], Any], what: str, *, attempts: int = 8) -> Any:

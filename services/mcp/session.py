@@ -66,6 +66,8 @@ class RecordingSession:
     remotes: list[tuple[str, int] | None] = field(default_factory=lambda: [None, None])
     invite_pending: bool = False
     end_reason: str = ""
+    #: The SIP Server ended the bridge of a call that was never answered (BYE with Reason cause != 200).
+    unanswered: bool = False
 
     @property
     def start(self) -> datetime:

@@ -690,7 +690,10 @@ class B2BUA:
         if not leg.confirmed or leg.dialog is None:
             return
         leg.confirmed = False
-        req = leg.dialog.create_request("BYE", headers=[("Reason", f'SIP;cause=200;text="{reason}"')])
+        # RFC 3326 Reason: cause 200 for a call that was answered; 487 for one ended during setup,
+        # which tells the MCP that a bridge without media was never a conversation to keep.
+        cause = 200 if call.state.answered else 487
+        req = leg.dialog.create_request("BYE", headers=[("Reason", f'SIP;cause={cause};text="{reason}"')])
         resp = await self._request(leg, req)
         if resp is not None and resp.status >= 300:
             log.info("call %s: BYE on leg %s answered %d", call.state.id[:8], leg.name, resp.status)

@@ -46,6 +46,7 @@ class FakeEngine:
         self._port = 30000
         self.fail_open = False
         self.closed = False
+        self.packets = 25  # RTP packets per leg that close_session reports
 
     def fileno(self) -> int:
         return self._r
@@ -95,7 +96,7 @@ class FakeEngine:
             w.setsampwidth(2)
             w.setframerate(8000)
             w.writeframes(b"\x00\x00" * s["channels"] * 4000)
-        leg = {"ssrc": 42, "packets": 25, "bytes": 4000, "lost": 0, "late": 0, "duplicates": 0, "reordered": 0,
+        leg = {"ssrc": 42, "packets": self.packets, "bytes": 160 * self.packets, "lost": 0, "late": 0, "duplicates": 0, "reordered": 0,
                "jitter_ms": 0.5, "gap_total_ms": 0.0, "longest_gap_ms": 0.0, "invalid": 0, "codec": "PCMU", "dtmf": ""}  # fmt: skip
         return {
             "duration": 0.5,
@@ -463,3 +464,34 @@ async def test_bad_messages_mid_call_do_not_lose_the_recording(node: Node) -> No
     assert (await node.client.in_dialog(dialog, "BYE")).status == 200
     (event,) = await node.wait_events(1)
     assert event["duration"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("cause", "packets", "filed"),
+    [
+        (487, 0, False),  # never answered, no early media: nothing to keep
+        (487, 30, True),  # never answered, but early media was recorded
+        (200, 0, True),  # answered but silent: filed, its zero packet counts tell the operator
+        (None, 0, True),  # a BYE without Reason is an ordinary end
+    ],
+)
+async def test_unanswered_bridge_without_media_is_not_filed(
+    node: Node, cause: int | None, packets: int, filed: bool
+) -> None:
+    node.engine.packets = packets
+    response, dialog, _ = await node.client.invite()
+    assert response.status == 200 and dialog is not None
+    headers = [("Reason", f'SIP;cause={cause};text="setup ended"')] if cause else []
+    bye = dialog.create_request("BYE", headers=headers)
+    answer = await asyncio.wait_for(node.client.ep.start_request(bye, node.client.mcp).final(), 10)
+    assert answer.status == 200
+    if filed:
+        (event,) = await node.wait_events(1)
+        assert [s["packets"] for s in event["streams"]] == [packets, packets]
+    deadline = time.monotonic() + 5
+    while [p for p in (node.root / "spool").iterdir() if p.is_file()] and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not [p for p in (node.root / "spool").iterdir() if p.is_file()]  # nothing left behind
+    if not filed:
+        assert node.events() == []
+        assert not list((node.root / "storage").rglob("*.wav"))
