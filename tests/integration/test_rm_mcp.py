@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import rtp_core._core  # noqa: F401 - the C engine must be built (make test builds it)
 from services.config import ClusterConfig, IvrProfile, McpConfig, ResourceManagerConfig, StorageConfig, Tenant
 from services.mcp import daemon as mcp_daemon
 from services.mcp.xcv import BridgeRequest, CallInfo
@@ -35,8 +36,6 @@ from services.sdp import SessionDescription
 from services.sip.aio import IncomingRequest, SipEndpoint
 from services.sip.dialog import Dialog
 from services.sip.message import Request, Response, new_call_id, new_tag
-
-pytest.importorskip("rtp_core._core")
 
 RATE = 8000
 PTIME = 0.02

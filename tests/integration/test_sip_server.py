@@ -613,7 +613,6 @@ async def start_daemon(name: str, factory: Any, timeout: float = 10.0) -> asynci
 
 
 async def test_recorded_call_through_real_rm_and_mcp(tmp_path: Any) -> None:
-    pytest.importorskip("rtp_core._core")
     import json
     import random
 
