@@ -32,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+if os.environ.get("RTPBENCH_PATH"):  # compare another build of rtp_core
+    sys.path.insert(0, os.environ["RTPBENCH_PATH"])
 
 
 # ---- the engine process -------------------------------------------------------------------------

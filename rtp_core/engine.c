@@ -294,7 +294,6 @@ static void fill_stats(rc_session_t *s, rc_stats_t *st)
         ls->send_errors = io->send_errors;
         ls->rec = s->rec.leg[i];
         ls->rec.ring = NULL;
-        ls->rec.mask = NULL;
     }
 }
 

@@ -78,12 +78,13 @@ int rc_rec_init(rc_rec_t *r, int channels, int reorder_ms, int audio)
         L->gap_start = -1;
         rc_rec_default_pts(r, i);
         if (audio) {
-            L->ring = calloc((size_t)r->ring_size, sizeof(int16_t));
-            L->mask = calloc((size_t)r->ring_size / 64, sizeof(uint64_t));
-            if (!L->ring || !L->mask) {
+            L->ring = malloc((size_t)r->ring_size * sizeof(int16_t));
+            if (!L->ring) {
                 rc_rec_free(r);
                 return -1;
             }
+            for (int64_t j = 0; j < r->ring_size; j++)
+                L->ring[j] = RC_ABSENT;
         }
     }
     if (audio) {
@@ -100,9 +101,7 @@ void rc_rec_free(rc_rec_t *r)
 {
     for (int i = 0; i < 2; i++) {
         free(r->leg[i].ring);
-        free(r->leg[i].mask);
         r->leg[i].ring = NULL;
-        r->leg[i].mask = NULL;
     }
     free(r->scratch);
     r->scratch = NULL;
@@ -236,18 +235,6 @@ static void new_stream(rc_rec_t *r, int li, const rc_rtp_t *p)
     L->ev_active = 0;
 }
 
-static void set_mask(uint64_t *mask, int64_t idx, int64_t n)
-{
-    while (n > 0) {
-        int64_t off = idx & 63, cnt = 64 - off;
-        if (cnt > n)
-            cnt = n;
-        mask[idx >> 6] |= (cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off;
-        idx += cnt;
-        n -= cnt;
-    }
-}
-
 static void place(rc_rec_t *r, rc_leg_t *L, int kind, int64_t pos, const rc_rtp_t *p)
 {
     const int16_t *table = kind == RC_PT_PCMU ? rc_ulaw_table : rc_alaw_table;
@@ -270,8 +257,7 @@ static void place(rc_rec_t *r, rc_leg_t *L, int kind, int64_t pos, const rc_rtp_
         if (cnt > r->ring_size - i)
             cnt = r->ring_size - i;
         for (int64_t j = 0; j < cnt; j++)
-            dst[j] = table[src[j]];
-        set_mask(L->mask, i, cnt);
+            dst[j] = table[src[j]];   /* G.711 never decodes to RC_ABSENT */
         src += cnt;
         start += cnt;
     }
@@ -435,43 +421,24 @@ static void gap_present(rc_leg_t *L, int64_t pos)
     L->audio_seen = 1;
 }
 
-/* gap accounting over ring [idx, idx + n) = timeline [pos, pos + n), a mask word at a time */
-static void scan_gaps(rc_leg_t *L, int64_t idx, int64_t n, int64_t pos)
+/* gap accounting over timeline [pos, pos + n), whose samples are ring[0 .. n) */
+static void scan_gaps(rc_leg_t *L, const int16_t *ring, int64_t n, int64_t pos)
 {
-    int64_t i = 0;
-    while (i < n) {
-        int64_t b = idx + i, off = b & 63, cnt = 64 - off;
-        uint64_t m, bits;
-        if (cnt > n - i)
-            cnt = n - i;
-        m = (cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off;
-        bits = L->mask[b >> 6] & m;
-        if (bits == m) {
-            gap_present(L, pos + i);
-        } else if (bits == 0) {
-            if (L->audio_seen && L->gap_start < 0)
+    int64_t absent = 0;
+    for (int64_t i = 0; i < n; i++)
+        absent += ring[i] == RC_ABSENT;
+    if (absent == 0) {
+        gap_present(L, pos);
+    } else if (absent == n) {
+        if (L->audio_seen && L->gap_start < 0)
+            L->gap_start = pos;
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            if (ring[i] != RC_ABSENT)
+                gap_present(L, pos + i);
+            else if (L->audio_seen && L->gap_start < 0)
                 L->gap_start = pos + i;
-        } else {
-            for (int64_t j = 0; j < cnt; j++) {
-                if ((bits >> (off + j)) & 1)
-                    gap_present(L, pos + i + j);
-                else if (L->audio_seen && L->gap_start < 0)
-                    L->gap_start = pos + i + j;
-            }
         }
-        i += cnt;
-    }
-}
-
-static void clear_mask(uint64_t *mask, int64_t idx, int64_t n)
-{
-    while (n > 0) {
-        int64_t off = idx & 63, cnt = 64 - off;
-        if (cnt > n)
-            cnt = n;
-        mask[idx >> 6] &= ~((cnt == 64 ? ~0ULL : ((1ULL << cnt) - 1)) << off);
-        idx += cnt;
-        n -= cnt;
     }
 }
 
@@ -486,16 +453,16 @@ static void emit(rc_rec_t *r, int64_t upto)
             n = RC_CHUNK;
         if (n > r->ring_size - idx)
             n = r->ring_size - idx;
-        scan_gaps(&r->leg[0], idx, n, r->emitted);
-        scan_gaps(&r->leg[1], idx, n, r->emitted);
+        scan_gaps(&r->leg[0], a, n, r->emitted);
+        scan_gaps(&r->leg[1], b, n, r->emitted);
         if (r->channels == 2) {
             for (int64_t i = 0; i < n; i++) {
-                out[2 * i] = a[i];
-                out[2 * i + 1] = b[i];
+                out[2 * i] = a[i] == RC_ABSENT ? 0 : a[i];
+                out[2 * i + 1] = b[i] == RC_ABSENT ? 0 : b[i];
             }
         } else {
             for (int64_t i = 0; i < n; i++) {
-                int s = a[i] + b[i];
+                int s = (a[i] == RC_ABSENT ? 0 : a[i]) + (b[i] == RC_ABSENT ? 0 : b[i]);
                 out[i] = (int16_t)(s > 32767 ? 32767 : s < -32768 ? -32768 : s);
             }
         }
@@ -503,10 +470,8 @@ static void emit(rc_rec_t *r, int64_t upto)
         hi = pend < r->emitted + n ? pend : r->emitted + n;
         if (lo < hi)
             memset(out + (lo - r->emitted) * r->channels, 0, sizeof(int16_t) * (size_t)((hi - lo) * r->channels));
-        memset(a, 0, sizeof(int16_t) * (size_t)n);
-        memset(b, 0, sizeof(int16_t) * (size_t)n);
-        clear_mask(r->leg[0].mask, idx, n);
-        clear_mask(r->leg[1].mask, idx, n);
+        for (int64_t i = 0; i < n; i++)
+            a[i] = b[i] = RC_ABSENT;
         if (r->sink)
             r->sink(r->ctx, out, (size_t)n, r->channels);
         r->emitted += n;

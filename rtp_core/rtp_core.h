@@ -22,6 +22,7 @@
 #define RC_FAR 2400                  /* 300 ms: a packet this far ahead of its arrival re-anchors at once */
 #define RC_MAX_REORDER_MS 2000
 #define RC_DTMF_MAX 255
+#define RC_ABSENT INT16_MIN          /* ring value of a sample no packet wrote (G.711 never decodes to it) */
 
 /* ---- codec.c ------------------------------------------------------------------------------ */
 typedef struct {
@@ -83,11 +84,8 @@ typedef struct {
     /* RFC 4733 telephone-event in progress */
     int ev_active, ev_done, ev_code, ev_dur;
     uint32_t ev_ts;
-    char dtmf[RC_DTMF_MAX + 1];
-    int dtmf_len;
     /* audio ring on the session timeline (NULL when not recording audio) */
-    int16_t *ring;
-    uint64_t *mask;
+    int16_t *ring;          /* RC_ABSENT where no packet wrote */
     int64_t max_end;
     int audio_seen;
     int64_t gap_start;
@@ -96,7 +94,11 @@ typedef struct {
     uint64_t gap_total, gap_longest;
     int codec;              /* RC_PT_PCMU / RC_PT_PCMA of the last decoded packet, 0 if none */
     uint8_t ptmap[128];
+    /* cold: only touched by DTMF */
+    int dtmf_len;
+    char dtmf[RC_DTMF_MAX + 1];
 } rc_leg_t;
+
 
 typedef struct {
     int channels;
