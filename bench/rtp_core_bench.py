@@ -52,7 +52,9 @@ def engine_main(args: argparse.Namespace) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     base = rss_kb()
-    eng = rtp_core.Engine(bind_ip="127.0.0.1", port_min=10000, port_max=32767, threads=args.threads)
+    eng = rtp_core.Engine(
+        bind_ip="127.0.0.1", port_min=10000, port_max=32767, threads=args.threads, io=args.io
+    )
     sids = []
     lines = []
     out_dir = Path(args.out_dir)
@@ -62,7 +64,7 @@ def engine_main(args: argparse.Namespace) -> None:
         lines.append(f"{eng.add_leg(sid, 0)} {eng.add_leg(sid, 1)}")
         sids.append(sid)
     Path(args.ports).write_text("\n".join(lines) + "\n")
-    print(json.dumps({"ready": True, "rss_base_kb": base, "rss_open_kb": rss_kb()}), flush=True)
+    print(json.dumps({"ready": True, "rss_base_kb": base, "rss_open_kb": rss_kb(), "io": eng.io}), flush=True)
     sys.stdin.readline()
     total: dict[str, object] = {"loop": eng.loop_stats()}
     for sid in sids:
@@ -150,6 +152,8 @@ def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, wo
             str(out_dir) if out_dir else "none",
             "--reorder-ms",
             str(args.reorder_ms),
+            "--io",
+            args.io,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -210,6 +214,7 @@ def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, wo
         "mode": mode,
         "calls": calls,
         "threads": args.threads,
+        "io": ready["io"],
         "engine_cpu_pct": round(100 * cpu / window, 1),
         "ksoftirqd_pct": round(100 * (k2 - k1) / 1e9 / window, 1),
         "engine_core_busy_pct": round(100 * (b2 - b1) / 1e9 / window, 1),
@@ -251,6 +256,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sockets", type=int, default=2, help="generator sockets per side")
     p.add_argument("--reorder-ms", type=int, default=100)
+    p.add_argument(
+        "--io", choices=["auto", "epoll", "io_uring"], default="auto", help="the engine's socket loop"
+    )
     p.add_argument(
         "--out-dir", default="/dev/shm", help="where WAVs go (tmpfs by default); 'none' = relay only"
     )
@@ -304,6 +312,7 @@ if __name__ == "__main__":
         ep.add_argument("--ports")
         ep.add_argument("--out-dir")
         ep.add_argument("--reorder-ms", type=int)
+        ep.add_argument("--io", default="auto")
         engine_main(ep.parse_args())
     else:
         main()

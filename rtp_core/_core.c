@@ -399,12 +399,22 @@ typedef struct {
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"bind_ip", "port_min", "port_max", "threads", NULL};
-    const char *bind_ip = "127.0.0.1";
-    int port_min = 20000, port_max = 29999, threads = 1, err_no = 0;
+    static char *kwlist[] = {"bind_ip", "port_min", "port_max", "threads", "io", NULL};
+    const char *bind_ip = "127.0.0.1", *io = "auto";
+    int port_min = 20000, port_max = 29999, threads = 1, err_no = 0, io_mode;
     char err[200];
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$siii", kwlist, &bind_ip, &port_min, &port_max, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$siiis", kwlist, &bind_ip, &port_min, &port_max, &threads, &io))
         return -1;
+    if (strcmp(io, "auto") == 0)
+        io_mode = RC_IO_AUTO;
+    else if (strcmp(io, "epoll") == 0)
+        io_mode = RC_IO_EPOLL;
+    else if (strcmp(io, "io_uring") == 0)
+        io_mode = RC_IO_URING;
+    else {
+        PyErr_Format(PyExc_ValueError, "io must be 'auto', 'epoll' or 'io_uring', not %.40s", io);
+        return -1;
+    }
     if (self->eng) {
         PyErr_SetString(PyExc_ValueError, "Engine already initialised");
         return -1;
@@ -418,7 +428,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     Py_BEGIN_ALLOW_THREADS
-    self->eng = rc_engine_new(bind_ip, port_min, port_max, threads, err, sizeof err, &err_no);
+    self->eng = rc_engine_new(bind_ip, port_min, port_max, threads, io_mode, err, sizeof err, &err_no);
     Py_END_ALLOW_THREADS
     if (!self->eng) {
         if (err_no)
@@ -738,7 +748,13 @@ static PyObject *Engine_get_closed(EngineObject *self, void *unused)
     return PyBool_FromLong(!self->eng || self->closed);
 }
 
+static PyObject *Engine_get_io(EngineObject *self, void *unused)
+{
+    return PyUnicode_FromString(self->eng ? rc_engine_io_name(self->eng) : "closed");
+}
+
 static PyGetSetDef Engine_getset[] = {
+    {"io", (getter)Engine_get_io, NULL, "the socket loop in use: 'io_uring' or 'epoll'", NULL},
     {"threads", (getter)Engine_get_threads, NULL, "number of engine threads", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True after close()", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
@@ -766,7 +782,7 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "rtp_core._core.Engine",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "Engine(*, bind_ip='127.0.0.1', port_min=20000, port_max=29999, threads=1): native threads "
+    .tp_doc = "Engine(*, bind_ip='127.0.0.1', port_min=20000, port_max=29999, threads=1, io='auto'): native threads "
               "relaying and recording RTP sessions.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,

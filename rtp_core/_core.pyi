@@ -15,10 +15,18 @@ def parse_rtp(datagram: bytes, /) -> tuple[int, int, int, int, int, bytes] | Non
 
 class Engine:
     def __init__(
-        self, *, bind_ip: str = "127.0.0.1", port_min: int = 20000, port_max: int = 29999, threads: int = 1
+        self,
+        *,
+        bind_ip: str = "127.0.0.1",
+        port_min: int = 20000,
+        port_max: int = 29999,
+        threads: int = 1,
+        io: str = "auto",
     ) -> None: ...
     @property
     def threads(self) -> int: ...
+    @property
+    def io(self) -> str: ...
     @property
     def closed(self) -> bool: ...
     def fileno(self) -> int: ...

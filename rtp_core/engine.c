@@ -17,79 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
-
-#define BATCH 64
-#define PKT_MAX 2048
-#define TICK_NS 1000000LL              /* the writer wakes every 1 ms ... */
-#define TICK_PHASES 20                 /* ... and serves 1/20 of the sessions: each one every 20 ms */
-#define WBUF 16384                     /* per-session WAV write buffer */
-#define EVQ_MAX 65536
-#define HOT_MAX 1024                   /* sockets whose last read filled a batch: read again soon */
-
-typedef struct rc_session rc_session_t;
-
-typedef struct {
-    rc_session_t *s;
-    int leg, rtcp, fd;
-} rc_sock_t;
-
-typedef struct {
-    int added, port;
-    rc_sock_t rtp, rtcp;
-    struct sockaddr_in remote, rtcp_remote;
-    int has_remote, has_rtcp_remote, latched, rtcp_latched;
-    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors;
-} rc_leg_io_t;
-
-struct rc_session {
-    int64_t id;
-    int mode, channels, recording;
-    rc_engine_t *eng;
-    rc_rec_t rec;
-    int fd, write_errno;
-    uint8_t *wbuf;
-    size_t wlen, wlimit;
-    uint64_t data_bytes;
-    rc_leg_io_t io[2];
-    int64_t last_rx, timeout_ns;
-    int timed_out;
-};
-
-typedef struct {
-    rc_engine_t *eng;
-    pthread_t tid;
-    int started, stop, dead;
-    int epfd, cmdfd;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    rc_cmd_t *head, *tail;
-    rc_session_t **sessions;
-    size_t nsess, cap;
-    struct mmsghdr msgs[BATCH], out[BATCH];
-    struct iovec iov[BATCH], oiov[BATCH];
-    struct sockaddr_in addrs[BATCH];
-    rc_rtp_t parsed[BATCH];
-    int valid[BATCH];
-    uint8_t bufs[BATCH][PKT_MAX];
-    rc_loop_stats_t ls;
-    rc_sock_t *hot[HOT_MAX];
-    int nhot;
-} rc_thread_t;
-
-struct rc_engine {
-    int nthreads;
-    rc_thread_t *threads;
-    struct in_addr bind_ip;
-    int port_min, port_max, port_next;
-    pthread_mutex_t port_mu;
-    pthread_mutex_t ev_mu;
-    rc_event_t *evq;
-    size_t evn, evcap;
-    uint64_t ev_dropped;
-    int evfd;
-    int stopped;
-};
+#include "engine_int.h"
 
 int64_t rc_mono_ns(void)
 {
@@ -255,6 +183,10 @@ static rc_session_t *find_session(rc_thread_t *t, int64_t id, size_t *where)
 static void close_leg_sockets(rc_thread_t *t, rc_leg_io_t *io)
 {
     rc_sock_t *socks[2] = {&io->rtp, &io->rtcp};
+    if (t->ur)
+        for (int i = 0; i < 2; i++)
+            if (socks[i]->fd >= 0)
+                rc_uring_del_sock(t, socks[i]);
     for (int i = 0; i < t->nhot;)
         if (t->hot[i] == socks[0] || t->hot[i] == socks[1])
             t->hot[i] = t->hot[--t->nhot];
@@ -450,7 +382,10 @@ static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
                  strerror(err));
         return err;
     }
-    {
+    if (t->ur) {
+        if (rc_uring_add_sock(t, &io->rtp) < 0 || rc_uring_add_sock(t, &io->rtcp) < 0)
+            err = ENOMEM;
+    } else {
         struct epoll_event ev;
         memset(&ev, 0, sizeof ev);
         /* edge-triggered: no re-poll of every ready socket on each epoll_wait; a read that fills a
@@ -462,11 +397,11 @@ static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
         ev.data.ptr = &io->rtcp;
         if (!err && epoll_ctl(t->epfd, EPOLL_CTL_ADD, io->rtcp.fd, &ev) < 0)
             err = errno;
-        if (err) {
-            close_leg_sockets(t, io);
-            snprintf(c->msg, sizeof c->msg, "epoll_ctl: %s", strerror(err));
-            return err;
-        }
+    }
+    if (err) {
+        close_leg_sockets(t, io);
+        snprintf(c->msg, sizeof c->msg, "registering the sockets: %s", strerror(err));
+        return err;
     }
     io->added = 1;
     c->result_port = io->port;
@@ -537,7 +472,7 @@ static void run_command(rc_thread_t *t, rc_cmd_t *c)
     }
 }
 
-static void process_commands(rc_thread_t *t)
+void rc_process_commands(rc_thread_t *t)
 {
     rc_cmd_t *c;
     uint64_t v;
@@ -620,12 +555,67 @@ static void mark_hot(rc_thread_t *t, rc_sock_t *k, int n)
     }
 }
 
+int rc_rtp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int trunc,
+                 const struct sockaddr_in *src, rc_rtp_t *p)
+{
+    rc_leg_io_t *me = &s->io[L];
+    if (trunc || rc_parse_rtp(buf, len, p) < 0) {
+        s->rec.leg[L].invalid++;
+        return 0;
+    }
+    if (!me->latched) {
+        me->remote = *src;
+        me->has_remote = me->latched = 1;
+    }
+    return 1;
+}
+
+void rc_rtp_record(rc_session_t *s, int L, const rc_rtp_t *p, const struct sockaddr_in *src, int64_t now)
+{
+    char ip[48];
+    const char *ipp = NULL;
+    if (!s->rec.leg[L].started) {
+        inet_ntop(AF_INET, &src->sin_addr, ip, sizeof ip);
+        ipp = ip;
+    }
+    rc_rec_packet(&s->rec, L, now, p, ipp, ntohs(src->sin_port));
+    s->last_rx = now;
+    s->timed_out = 0;
+}
+
+int rc_rtcp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int trunc,
+                  const struct sockaddr_in *src)
+{
+    rc_leg_io_t *me = &s->io[L];
+    /* RFC 3550 6.4: version 2, at least a header and an SSRC */
+    if (trunc || len < 8 || (buf[0] >> 6) != 2) {
+        s->rec.leg[L].invalid++;
+        return 0;
+    }
+    me->rtcp_packets++;
+    if (!me->rtcp_latched) {
+        me->rtcp_remote = *src;
+        me->has_rtcp_remote = me->rtcp_latched = 1;
+    }
+    return 1;
+}
+
+struct sockaddr_in *rc_relay_to(rc_session_t *s, int L, int rtcp)
+{
+    rc_leg_io_t *peer = &s->io[1 - L];
+    if (s->mode != RC_MODE_BRIDGE || !peer->added)
+        return NULL;
+    if (rtcp)
+        return peer->has_rtcp_remote ? &peer->rtcp_remote : NULL;
+    return peer->has_remote ? &peer->remote : NULL;
+}
+
 static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
 {
     rc_session_t *s = k->s;
-    int L = k->leg, n, nout = 0, any = 0;
-    rc_leg_io_t *me = &s->io[L], *peer = &s->io[1 - L];
-    int relay = s->mode == RC_MODE_BRIDGE && peer->added && peer->has_remote;
+    int L = k->leg, n, nout = 0;
+    rc_leg_io_t *peer = &s->io[1 - L];
+    struct sockaddr_in *to = rc_relay_to(s, L, 0);
     int64_t now;
     n = recv_batch(t, k->fd);
     if (n <= 0)
@@ -633,64 +623,36 @@ static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
     mark_hot(t, k, n);
     now = rc_mono_ns();
     for (int i = 0; i < n; i++) {
-        t->valid[i] = !(t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) &&
-                      rc_parse_rtp(t->bufs[i], t->msgs[i].msg_len, &t->parsed[i]) == 0;
-        if (!t->valid[i]) {
-            s->rec.leg[L].invalid++;
-            continue;
-        }
-        any = 1;
-        if (!me->latched) {
-            me->remote = t->addrs[i];
-            me->has_remote = me->latched = 1;
-        }
-        if (relay)
-            add_out(t, nout++, i, &peer->remote);
+        t->valid[i] = rc_rtp_check(s, L, t->bufs[i], t->msgs[i].msg_len, t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC,
+                                   &t->addrs[i], &t->parsed[i]);
+        if (t->valid[i] && to)
+            add_out(t, nout++, i, to);
     }
+    /* relay first, then record */
     if (nout)
         send_batch(t, peer->rtp.fd, nout, &peer->relayed, &peer->send_errors);
-    for (int i = 0; i < n; i++) {
-        char ip[48];
-        const char *ipp = NULL;
-        if (!t->valid[i])
-            continue;
-        if (!s->rec.leg[L].started) {
-            inet_ntop(AF_INET, &t->addrs[i].sin_addr, ip, sizeof ip);
-            ipp = ip;
-        }
-        rc_rec_packet(&s->rec, L, now, &t->parsed[i], ipp, ntohs(t->addrs[i].sin_port));
-    }
-    if (any) {
-        s->last_rx = now;
-        s->timed_out = 0;
-    }
+    for (int i = 0; i < n; i++)
+        if (t->valid[i])
+            rc_rtp_record(s, L, &t->parsed[i], &t->addrs[i], now);
 }
 
 static void handle_rtcp(rc_thread_t *t, rc_sock_t *k)
 {
     rc_session_t *s = k->s;
     int L = k->leg, n, nout = 0;
-    rc_leg_io_t *me = &s->io[L], *peer = &s->io[1 - L];
-    int relay = s->mode == RC_MODE_BRIDGE && peer->added && peer->has_rtcp_remote;
+    rc_leg_io_t *peer = &s->io[1 - L];
+    struct sockaddr_in *to = rc_relay_to(s, L, 1);
     n = recv_batch(t, k->fd);
     mark_hot(t, k, n);
-    for (int i = 0; i < n; i++) {
-        /* RFC 3550 6.4: version 2, at least a header and an SSRC */
-        if ((t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC) || t->msgs[i].msg_len < 8 || (t->bufs[i][0] >> 6) != 2) {
-            s->rec.leg[L].invalid++;
-            continue;
-        }
-        me->rtcp_packets++;
-        if (!me->rtcp_latched) {
-            me->rtcp_remote = t->addrs[i];
-            me->has_rtcp_remote = me->rtcp_latched = 1;
-        }
-        if (relay)
-            add_out(t, nout++, i, &peer->rtcp_remote);
-    }
+    for (int i = 0; i < n; i++)
+        if (rc_rtcp_check(s, L, t->bufs[i], t->msgs[i].msg_len, t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC,
+                          &t->addrs[i]) && to)
+            add_out(t, nout++, i, to);
     if (nout)
         send_batch(t, peer->rtcp.fd, nout, &peer->rtcp_relayed, &peer->send_errors);
 }
+
+static void rc_thread_finish(rc_thread_t *t);
 
 static void tick_all(rc_thread_t *t, int64_t now)
 {
@@ -713,14 +675,37 @@ static void tick_all(rc_thread_t *t, int64_t now)
     }
 }
 
+static void thread_init_done(rc_thread_t *t, int err)
+{
+    pthread_mutex_lock(&t->mu);
+    t->init_err = err;
+    t->init_done = 1;
+    pthread_cond_broadcast(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+}
+
 static void *thread_main(void *arg)
 {
     rc_thread_t *t = arg;
     struct epoll_event evs[256];
     int64_t next_tick = rc_mono_ns() + TICK_NS;
+    if (t->eng->io_mode != RC_IO_EPOLL) {
+        if (rc_uring_init(t) == 0) {
+            thread_init_done(t, 0);
+            rc_uring_loop(t);
+            rc_thread_finish(t);
+            return NULL;
+        }
+        if (t->eng->io_mode == RC_IO_URING) {
+            thread_init_done(t, 1);
+            rc_thread_finish(t);
+            return NULL;
+        }
+    }
+    thread_init_done(t, 0);
     init_batches(t);
     while (!t->stop) {
-        int64_t now = rc_mono_ns(), t1, t2;
+        int64_t now = rc_mono_ns(), t1;
         int timeout = next_tick > now && !t->nhot ? (int)((next_tick - now + 999999) / 1000000) : 0;
         int n = epoll_wait(t->epfd, evs, 256, timeout), cmds = 0, nhot = t->nhot;
         t1 = rc_mono_ns();
@@ -746,33 +731,45 @@ static void *thread_main(void *arg)
         }
         /* after the socket events: a command may close sessions those events point to */
         if (cmds)
-            process_commands(t);
+            rc_process_commands(t);
         now = rc_mono_ns();
         t->ls.iterations++;
         t->ls.events += (uint64_t)(n > 0 ? n : 0);
         if (now - t1 > t->ls.max_io_ns)
             t->ls.max_io_ns = now - t1;
-        if (now >= next_tick) {
-            struct timespec c0, c1;
-            int64_t cpu;
-            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
-            tick_all(t, now);
-            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
-            cpu = (c1.tv_sec - c0.tv_sec) * 1000000000LL + (c1.tv_nsec - c0.tv_nsec);
-            if (cpu > t->ls.max_tick_cpu_ns)
-                t->ls.max_tick_cpu_ns = cpu;
-            t2 = rc_mono_ns();
-            t->ls.ticks++;
-            t->ls.tick_ns += (uint64_t)(t2 - now);
-            if (t2 - now > t->ls.max_tick_ns)
-                t->ls.max_tick_ns = t2 - now;
-            if (now - next_tick > t->ls.max_tick_late_ns)
-                t->ls.max_tick_late_ns = now - next_tick;
-            next_tick += TICK_NS;
-            if (next_tick <= now)
-                next_tick = now + TICK_NS;
-        }
+        rc_tick(t, now, &next_tick);
     }
+    rc_thread_finish(t);
+    return NULL;
+}
+
+/* the writer's 1 ms tick, when due */
+void rc_tick(rc_thread_t *t, int64_t now, int64_t *next_tick)
+{
+    struct timespec c0, c1;
+    int64_t cpu, t2;
+    if (now < *next_tick)
+        return;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    tick_all(t, now);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    cpu = (c1.tv_sec - c0.tv_sec) * 1000000000LL + (c1.tv_nsec - c0.tv_nsec);
+    if (cpu > t->ls.max_tick_cpu_ns)
+        t->ls.max_tick_cpu_ns = cpu;
+    t2 = rc_mono_ns();
+    t->ls.ticks++;
+    t->ls.tick_ns += (uint64_t)(t2 - now);
+    if (t2 - now > t->ls.max_tick_ns)
+        t->ls.max_tick_ns = t2 - now;
+    if (now - *next_tick > t->ls.max_tick_late_ns)
+        t->ls.max_tick_late_ns = now - *next_tick;
+    *next_tick += TICK_NS;
+    if (*next_tick <= now)
+        *next_tick = now + TICK_NS;
+}
+
+static void rc_thread_finish(rc_thread_t *t)
+{
     /* answer whatever was queued after STOP: those callers must not wait forever */
     pthread_mutex_lock(&t->mu);
     t->dead = 1;
@@ -785,7 +782,6 @@ static void *thread_main(void *arg)
     t->head = t->tail = NULL;
     pthread_cond_broadcast(&t->cv);
     pthread_mutex_unlock(&t->mu);
-    return NULL;
 }
 
 /* ---- engine -------------------------------------------------------------------------------- */
@@ -820,8 +816,8 @@ int rc_engine_call(rc_engine_t *e, rc_cmd_t *c)
     return c->err;
 }
 
-rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, char *err,
-                           size_t errlen, int *err_no)
+rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, int io_mode,
+                           char *err, size_t errlen, int *err_no)
 {
     rc_engine_t *e = calloc(1, sizeof *e);
     *err_no = 0;
@@ -836,6 +832,7 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
         free(e);
         return NULL;
     }
+    e->io_mode = io_mode;
     e->port_min = port_min + (port_min & 1);
     e->port_max = port_max;
     e->port_next = e->port_min;
@@ -870,8 +867,24 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
             return NULL;
         }
         t->started = 1;
+        pthread_mutex_lock(&t->mu);
+        while (!t->init_done)
+            pthread_cond_wait(&t->cv, &t->mu);
+        pthread_mutex_unlock(&t->mu);
+        if (t->init_err) {
+            *err_no = ENOSYS;
+            snprintf(err, errlen, "io_uring is not usable here: %s", t->init_msg);
+            rc_engine_stop(e);
+            rc_engine_free(e);
+            return NULL;
+        }
     }
     return e;
+}
+
+const char *rc_engine_io_name(const rc_engine_t *e)
+{
+    return e->nthreads && e->threads[0].ur ? "io_uring" : "epoll";
 }
 
 void rc_engine_stop(rc_engine_t *e)
@@ -904,6 +917,8 @@ void rc_engine_free(rc_engine_t *e)
         if (t->cmdfd > 0)
             close(t->cmdfd);
         free(t->sessions);
+        if (t->ur)
+            rc_uring_free(t);
         pthread_mutex_destroy(&t->mu);
         pthread_cond_destroy(&t->cv);
     }

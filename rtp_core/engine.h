@@ -9,6 +9,7 @@
 #define RC_EVALUE (-1)   /* cmd->err: bad argument (ValueError); > 0 is an errno (OSError) */
 
 enum { RC_MODE_BRIDGE = 0, RC_MODE_RECORD = 1 };
+enum { RC_IO_AUTO = 0, RC_IO_EPOLL, RC_IO_URING };
 enum {
     RC_CMD_OPEN = 1, RC_CMD_ADD_LEG, RC_CMD_SET_REMOTE, RC_CMD_SET_PTS, RC_CMD_SET_RECORDING,
     RC_CMD_STATS, RC_CMD_CLOSE, RC_CMD_STOP
@@ -60,8 +61,10 @@ typedef struct {
 
 void rc_engine_loop_stats(const rc_engine_t *e, int thread, rc_loop_stats_t *out);
 
-rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, char *err,
-                           size_t errlen, int *err_no);
+/* io_mode RC_IO_AUTO: io_uring when the kernel allows it (checked), else epoll */
+rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int threads, int io_mode,
+                           char *err, size_t errlen, int *err_no);
+const char *rc_engine_io_name(const rc_engine_t *e);
 int rc_engine_nthreads(const rc_engine_t *e);
 int rc_engine_call(rc_engine_t *e, rc_cmd_t *cmd);
 int rc_engine_event_fd(const rc_engine_t *e);

@@ -60,9 +60,21 @@ def dominant_hz(x: np.ndarray) -> float:
     return float(np.argmax(spec) * ref.RATE / len(x))
 
 
+@pytest.fixture(params=["epoll", "io_uring"])
+def io(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs on both socket loops."""
+    if request.param == "io_uring":
+        try:
+            rtp_core.Engine(io="io_uring").close()
+        except OSError as exc:
+            pytest.skip(f"io_uring unavailable: {exc}")
+    return str(request.param)
+
+
 @pytest.fixture
-def engine():
-    with rtp_core.Engine(bind_ip="127.0.0.1", port_min=31000, port_max=31999) as e:
+def engine(io: str):
+    with rtp_core.Engine(bind_ip="127.0.0.1", port_min=31000, port_max=31999, io=io) as e:
+        assert e.io == io
         yield e
 
 
@@ -224,9 +236,9 @@ def free_port_block(n: int) -> int:
                 s.close()
 
 
-def test_port_exhaustion_is_oserror() -> None:
+def test_port_exhaustion_is_oserror(io: str) -> None:
     p = free_port_block(4)
-    with rtp_core.Engine(port_min=p, port_max=p + 3) as e:
+    with rtp_core.Engine(port_min=p, port_max=p + 3, io=io) as e:
         sid = e.open_session(output_path=None)
         e.add_leg(sid, 0)
         e.add_leg(sid, 1)
@@ -235,8 +247,8 @@ def test_port_exhaustion_is_oserror() -> None:
             e.add_leg(sid2, 0)
 
 
-def test_close_finalises_open_sessions(tmp_path: Path) -> None:
-    e = rtp_core.Engine(port_min=32100, port_max=32199, threads=2)
+def test_close_finalises_open_sessions(tmp_path: Path, io: str) -> None:
+    e = rtp_core.Engine(port_min=32100, port_max=32199, threads=2, io=io)
     a = phone()
     paths = []
     for i in range(4):
@@ -298,8 +310,8 @@ def test_dtmf_and_ssrc_change_events(engine: rtp_core.Engine, tmp_path: Path) ->
     assert st["legs"][0]["dtmf"] == "#" and st["legs"][0]["ssrc"] == 8
 
 
-def test_many_sessions_on_two_threads_open_and_close_under_traffic(tmp_path: Path) -> None:
-    with rtp_core.Engine(port_min=33000, port_max=33999, threads=2) as e:
+def test_many_sessions_on_two_threads_open_and_close_under_traffic(tmp_path: Path, io: str) -> None:
+    with rtp_core.Engine(port_min=33000, port_max=33999, threads=2, io=io) as e:
         assert e.threads == 2
         a = phone()
         live: dict[int, int] = {}
@@ -318,3 +330,10 @@ def test_many_sessions_on_two_threads_open_and_close_under_traffic(tmp_path: Pat
         for sid in list(live):
             e.session_stats(sid)
         assert len(e.loop_stats()) == 2
+
+
+def test_io_argument() -> None:
+    with pytest.raises(ValueError):
+        rtp_core.Engine(io="select")
+    with rtp_core.Engine() as e:
+        assert e.io in ("epoll", "io_uring")

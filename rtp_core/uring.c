@@ -1,0 +1,536 @@
+/* The io_uring loop of an engine thread.
+ *
+ * Every leg socket has one multishot RECVMSG outstanding that fills buffers from a ring of provided
+ * buffers; relayed packets go out as SENDMSG submissions straight from the buffer they arrived in;
+ * one io_uring_enter per loop iteration submits all of them and waits for the next completions (or
+ * the writer's tick).  Compared with epoll + recvmmsg + sendmmsg this removes the readiness polling
+ * and one or two system calls per packet.  The ring is created by the engine thread itself
+ * (SINGLE_ISSUER + DEFER_TASKRUN: completions are reaped only when this thread enters), and
+ * checked with a loopback datagram before use; without it (Linux < 6.1, io_uring disabled or
+ * filtered) the engine runs its epoll loop instead.
+ *
+ * Completions carry user_data = type << 56 | generation << 32 | index: a receive names a slot of
+ * the socket table (its generation changes when the socket closes, so late completions of a closed
+ * socket are recognised), a send names the buffer it sends from.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine_int.h"
+
+#define UR_SQ 4096
+#define UR_CQ 16384
+#define UR_NBUF 4096                   /* provided receive buffers (a power of two) */
+#define UR_BUFSZ 2048
+#define UR_BGID 0
+/* An iteration waits for this many completions or the writer's tick (at most 1 ms): under load the
+ * batches grow and the wake-ups become rarer, at low load a packet waits for the tick at worst. */
+#define UR_WAIT_NR 32
+
+enum { UD_RECV = 1, UD_SEND = 2, UD_CMD = 3, UD_OTHER = 4, UD_PROBE = 5 };
+
+typedef struct {
+    struct msghdr mh;
+    struct iovec iov;
+    struct sockaddr_in to;
+    uint32_t sock, gen;                /* the sending socket, for its counters */
+} ur_send_t;
+
+struct rc_uring {
+    int fd;
+    unsigned sq_entries, tail;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_ring, *cq_ring;
+    size_t sq_ring_sz, cq_ring_sz, sqes_sz;
+    /* provided buffers */
+    struct io_uring_buf_ring *br;
+    size_t br_sz;
+    uint8_t *bufs;
+    ur_send_t *sends;
+    uint16_t br_tail;
+    struct msghdr recv_mh;
+    /* socket table */
+    rc_sock_t **socks;
+    uint32_t *gens, *free_ids;
+    uint32_t nsocks, cap, nfree;
+    uint64_t recv_rearms;
+};
+
+static inline uint64_t ud(unsigned type, uint32_t gen, uint32_t idx)
+{
+    return ((uint64_t)type << 56) | ((uint64_t)(gen & 0xffffffu) << 32) | idx;
+}
+
+static int ur_enter(struct rc_uring *u, unsigned to_submit, unsigned min_complete, unsigned flags, void *arg,
+                    size_t argsz)
+{
+    return (int)syscall(__NR_io_uring_enter, u->fd, to_submit, min_complete, flags, arg, argsz);
+}
+
+/* submits what is queued; with wait_nr, waits up to timeout_ns for that many completions */
+static void ur_submit(struct rc_uring *u, unsigned wait_nr, int64_t timeout_ns)
+{
+    unsigned head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+    unsigned to_submit = u->tail - head;
+    __atomic_store_n(&u->br->tail, u->br_tail, __ATOMIC_RELEASE);
+    __atomic_store_n(u->sq_tail, u->tail, __ATOMIC_RELEASE);
+    if (wait_nr) {
+        struct __kernel_timespec ts;
+        struct io_uring_getevents_arg arg;
+        ts.tv_sec = timeout_ns / 1000000000LL;
+        ts.tv_nsec = timeout_ns % 1000000000LL;
+        memset(&arg, 0, sizeof arg);
+        arg.sigmask_sz = _NSIG / 8;
+        arg.ts = (uint64_t)(uintptr_t)&ts;
+        ur_enter(u, to_submit, wait_nr, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    } else {
+        ur_enter(u, to_submit, 0, IORING_ENTER_GETEVENTS, NULL, 0);
+    }
+}
+
+static struct io_uring_sqe *get_sqe(struct rc_uring *u)
+{
+    struct io_uring_sqe *sqe;
+    if (u->tail - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE) >= u->sq_entries) {
+        ur_submit(u, 0, 0);
+        if (u->tail - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE) >= u->sq_entries)
+            return NULL;
+    }
+    sqe = &u->sqes[u->tail & *u->sq_mask];
+    memset(sqe, 0, sizeof *sqe);
+    u->tail++;
+    return sqe;
+}
+
+static void put_buf(struct rc_uring *u, unsigned bid)
+{
+    /* write the fields one by one: the ring's tail overlays bufs[0].resv */
+    struct io_uring_buf *b = &u->br->bufs[u->br_tail & (UR_NBUF - 1)];
+    b->addr = (uint64_t)(uintptr_t)(u->bufs + (size_t)bid * UR_BUFSZ);
+    b->len = UR_BUFSZ;
+    b->bid = (uint16_t)bid;
+    u->br_tail++;
+}
+
+static int arm_recv_fd(struct rc_uring *u, int fd, uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = get_sqe(u);
+    if (!sqe)
+        return -1;
+    sqe->opcode = IORING_OP_RECVMSG;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)&u->recv_mh;
+    sqe->len = 1;
+    sqe->ioprio = IORING_RECV_MULTISHOT;
+    sqe->flags = IOSQE_BUFFER_SELECT;
+    sqe->buf_group = UR_BGID;
+    sqe->user_data = user_data;
+    return 0;
+}
+
+static void arm_cmd(rc_thread_t *t)
+{
+    struct io_uring_sqe *sqe = get_sqe(t->ur);
+    if (!sqe)
+        return;
+    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->fd = t->cmdfd;
+    sqe->poll32_events = POLLIN;
+    sqe->len = IORING_POLL_ADD_MULTI;
+    sqe->user_data = ud(UD_CMD, 0, 0);
+}
+
+static void cancel(struct rc_uring *u, uint64_t target)
+{
+    struct io_uring_sqe *sqe = get_sqe(u);
+    if (!sqe)
+        return;
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->addr = target;
+    sqe->user_data = ud(UD_OTHER, 0, 0);
+}
+
+/* ---- sockets ------------------------------------------------------------------------------- */
+
+int rc_uring_add_sock(rc_thread_t *t, rc_sock_t *k)
+{
+    struct rc_uring *u = t->ur;
+    uint32_t idx;
+    if (u->nfree) {
+        idx = u->free_ids[--u->nfree];
+    } else {
+        if (u->nsocks == u->cap) {
+            uint32_t cap = u->cap * 2;
+            rc_sock_t **socks = realloc(u->socks, cap * sizeof *socks);
+            uint32_t *gens, *free_ids;
+            if (!socks)
+                return -1;
+            u->socks = socks;
+            gens = realloc(u->gens, cap * sizeof *gens);
+            if (!gens)
+                return -1;
+            u->gens = gens;
+            free_ids = realloc(u->free_ids, cap * sizeof *free_ids);
+            if (!free_ids)
+                return -1;
+            u->free_ids = free_ids;
+            memset(u->gens + u->cap, 0, (cap - u->cap) * sizeof *gens);
+            u->cap = cap;
+        }
+        idx = u->nsocks++;
+    }
+    u->socks[idx] = k;
+    u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
+    k->slot = idx;
+    return arm_recv_fd(u, k->fd, ud(UD_RECV, u->gens[idx], idx));
+}
+
+void rc_uring_del_sock(rc_thread_t *t, rc_sock_t *k)
+{
+    struct rc_uring *u = t->ur;
+    uint32_t idx = k->slot;
+    if (idx >= u->nsocks || u->socks[idx] != k)
+        return;
+    cancel(u, ud(UD_RECV, u->gens[idx], idx));
+    u->socks[idx] = NULL;
+    u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
+    u->free_ids[u->nfree++] = idx;
+    /* the receive holds the socket open until it is cancelled: do it before the caller closes it */
+    ur_submit(u, 0, 0);
+}
+
+static rc_sock_t *lookup(struct rc_uring *u, uint64_t user_data)
+{
+    uint32_t idx = (uint32_t)user_data, gen = (uint32_t)(user_data >> 32) & 0xffffffu;
+    return idx < u->nsocks && u->gens[idx] == gen ? u->socks[idx] : NULL;
+}
+
+/* ---- completions --------------------------------------------------------------------------- */
+
+static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *payload, size_t len,
+                      const struct sockaddr_in *to)
+{
+    rc_leg_io_t *peer = &k->s->io[1 - k->leg];
+    rc_sock_t *pk = k->rtcp ? &peer->rtcp : &peer->rtp;
+    ur_send_t *m = &u->sends[bid];
+    struct io_uring_sqe *sqe;
+    if (pk->fd < 0 || !(sqe = get_sqe(u)))
+        return 0;
+    m->to = *to;
+    m->iov.iov_base = payload;
+    m->iov.iov_len = len;
+    memset(&m->mh, 0, sizeof m->mh);
+    m->mh.msg_name = &m->to;
+    m->mh.msg_namelen = sizeof m->to;
+    m->mh.msg_iov = &m->iov;
+    m->mh.msg_iovlen = 1;
+    m->sock = pk->slot;
+    m->gen = u->gens[pk->slot];
+    sqe->opcode = IORING_OP_SENDMSG;
+    sqe->fd = pk->fd;
+    sqe->addr = (uint64_t)(uintptr_t)&m->mh;
+    sqe->len = 1;
+    sqe->msg_flags = MSG_DONTWAIT;
+    sqe->user_data = ud(UD_SEND, 0, bid);
+    return 1;
+}
+
+static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
+{
+    struct rc_uring *u = t->ur;
+    rc_sock_t *k = lookup(u, cqe->user_data);
+    int bid = (cqe->flags & IORING_CQE_F_BUFFER) ? (int)(cqe->flags >> IORING_CQE_BUFFER_SHIFT) : -1;
+    int held = 0;
+    size_t hdr = sizeof(struct io_uring_recvmsg_out) + u->recv_mh.msg_namelen + u->recv_mh.msg_controllen;
+    if (k && bid >= 0 && cqe->res >= (int)hdr) {
+        uint8_t *buf = u->bufs + (size_t)bid * UR_BUFSZ, *payload = buf + hdr;
+        const struct io_uring_recvmsg_out *o = (const void *)buf;
+        const struct sockaddr_in *src = (const void *)(o + 1);
+        size_t avail = (size_t)cqe->res - hdr, len = o->payloadlen;
+        int trunc = (o->flags & MSG_TRUNC) || len > avail;
+        rc_session_t *s = k->s;
+        int L = k->leg;
+        struct sockaddr_in *to;
+        if (len > avail)
+            len = avail;
+        if (k->rtcp) {
+            if (rc_rtcp_check(s, L, payload, len, trunc, src) && (to = rc_relay_to(s, L, 1)))
+                held = queue_send(u, k, (unsigned)bid, payload, len, to);
+        } else {
+            rc_rtp_t p;
+            if (rc_rtp_check(s, L, payload, len, trunc, src, &p)) {
+                if ((to = rc_relay_to(s, L, 0)))
+                    held = queue_send(u, k, (unsigned)bid, payload, len, to);
+                rc_rtp_record(s, L, &p, src, now);
+            }
+        }
+    }
+    if (bid >= 0 && !held)
+        put_buf(u, (unsigned)bid);
+    if (k && !(cqe->flags & IORING_CQE_F_MORE)) {
+        /* the multishot receive ended (out of buffers, or an error on the socket): start another */
+        u->recv_rearms++;
+        arm_recv_fd(u, k->fd, ud(UD_RECV, u->gens[k->slot], k->slot));
+    }
+}
+
+static void on_send(struct rc_uring *u, const struct io_uring_cqe *cqe)
+{
+    unsigned bid = (uint32_t)cqe->user_data;
+    ur_send_t *m;
+    rc_sock_t *k;
+    if (bid >= UR_NBUF)
+        return;
+    m = &u->sends[bid];
+    k = m->sock < u->nsocks && u->gens[m->sock] == m->gen ? u->socks[m->sock] : NULL;
+    if (k) {
+        rc_leg_io_t *io = &k->s->io[k->leg];
+        if (cqe->res < 0)
+            io->send_errors++;
+        else if (k->rtcp)
+            io->rtcp_relayed++;
+        else
+            io->relayed++;
+    }
+    put_buf(u, bid);
+}
+
+void rc_uring_loop(rc_thread_t *t)
+{
+    struct rc_uring *u = t->ur;
+    int64_t next_tick = rc_mono_ns() + TICK_NS;
+    arm_cmd(t);
+    while (!t->stop) {
+        int64_t now = rc_mono_ns(), t1;
+        unsigned head, tail, n = 0;
+        int cmds = 0;
+        if (next_tick > now)
+            ur_submit(u, UR_WAIT_NR, next_tick - now);
+        else
+            ur_submit(u, 0, 0);
+        t1 = rc_mono_ns();
+        head = *u->cq_head;
+        tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        while (head != tail) {
+            const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+            switch ((unsigned)(cqe->user_data >> 56)) {
+            case UD_RECV:
+                on_recv(t, cqe, t1);
+                break;
+            case UD_SEND:
+                on_send(u, cqe);
+                break;
+            case UD_CMD:
+                cmds = 1;
+                if (!(cqe->flags & IORING_CQE_F_MORE))
+                    arm_cmd(t);
+                break;
+            default:
+                if (cqe->flags & IORING_CQE_F_BUFFER)
+                    put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+                break;
+            }
+            head++;
+            n++;
+            if (head == tail) {
+                __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+                tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+            }
+        }
+        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+        if (cmds) {
+            /* queued relays leave before a command can close (and reuse) their sockets' descriptors */
+            ur_submit(u, 0, 0);
+            rc_process_commands(t);
+        }
+        now = rc_mono_ns();
+        t->ls.iterations++;
+        t->ls.events += n;
+        if (now - t1 > t->ls.max_io_ns)
+            t->ls.max_io_ns = now - t1;
+        rc_tick(t, now, &next_tick);
+    }
+    ur_submit(u, 0, 0);
+}
+
+/* ---- setup --------------------------------------------------------------------------------- */
+
+void rc_uring_free(rc_thread_t *t)
+{
+    struct rc_uring *u = t->ur;
+    if (!u)
+        return;
+    if (u->sqes && u->sqes != MAP_FAILED)
+        munmap(u->sqes, u->sqes_sz);
+    if (u->cq_ring && u->cq_ring != MAP_FAILED && u->cq_ring != u->sq_ring)
+        munmap(u->cq_ring, u->cq_ring_sz);
+    if (u->sq_ring && u->sq_ring != MAP_FAILED)
+        munmap(u->sq_ring, u->sq_ring_sz);
+    if (u->fd >= 0)
+        close(u->fd);
+    if (u->br && u->br != MAP_FAILED)
+        munmap(u->br, u->br_sz);
+    free(u->bufs);
+    free(u->sends);
+    free(u->socks);
+    free(u->gens);
+    free(u->free_ids);
+    free(u);
+    t->ur = NULL;
+}
+
+/* a datagram to ourselves through a multishot receive: proves the features we rely on */
+static int self_test(rc_thread_t *t)
+{
+    struct rc_uring *u = t->ur;
+    struct sockaddr_in a;
+    socklen_t alen = sizeof a;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), ok = 0;
+    if (fd < 0)
+        return -1;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || getsockname(fd, (struct sockaddr *)&a, &alen) < 0 ||
+        arm_recv_fd(u, fd, ud(UD_PROBE, 0, 0)) < 0) {
+        close(fd);
+        return -1;
+    }
+    ur_submit(u, 0, 0);
+    if (sendto(fd, "probe", 5, 0, (struct sockaddr *)&a, sizeof a) != 5) {
+        close(fd);
+        return -1;
+    }
+    for (int round = 0; round < 20 && !ok; round++) {
+        unsigned head, tail;
+        ur_submit(u, 1, 10000000);
+        head = *u->cq_head;
+        tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        for (; head != tail; head++) {
+            const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+            if ((cqe->user_data >> 56) == UD_PROBE) {
+                if (cqe->flags & IORING_CQE_F_BUFFER) {
+                    const struct io_uring_recvmsg_out *o =
+                        (const void *)(u->bufs + (size_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ);
+                    ok = cqe->res > 0 && o->payloadlen == 5 && (cqe->flags & IORING_CQE_F_MORE);
+                    put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+                } else if (cqe->res < 0) {
+                    snprintf(t->init_msg, sizeof t->init_msg, "multishot recvmsg: %s", strerror(-cqe->res));
+                    round = 20;
+                }
+            } else if (cqe->flags & IORING_CQE_F_BUFFER) {
+                put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+            }
+        }
+        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    }
+    cancel(u, ud(UD_PROBE, 0, 0));
+    ur_submit(u, 0, 0);
+    close(fd);
+    if (!ok && !t->init_msg[0])
+        snprintf(t->init_msg, sizeof t->init_msg, "no completion for a loopback datagram");
+    return ok ? 0 : -1;
+}
+
+int rc_uring_init(rc_thread_t *t)
+{
+    struct io_uring_params p;
+    struct io_uring_buf_reg reg;
+    struct rc_uring *u = calloc(1, sizeof *u);
+    if (!u) {
+        snprintf(t->init_msg, sizeof t->init_msg, "out of memory");
+        return -1;
+    }
+    u->fd = -1;
+    t->ur = u;
+    memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+              IORING_SETUP_CQSIZE;
+    p.cq_entries = UR_CQ;
+    u->fd = (int)syscall(__NR_io_uring_setup, UR_SQ, &p);
+    if (u->fd < 0) {
+        snprintf(t->init_msg, sizeof t->init_msg, "io_uring_setup: %s", strerror(errno));
+        goto fail;
+    }
+    u->sq_entries = p.sq_entries;
+    u->sq_ring_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    u->cq_ring_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        if (u->cq_ring_sz > u->sq_ring_sz)
+            u->sq_ring_sz = u->cq_ring_sz;
+        u->cq_ring_sz = u->sq_ring_sz;
+    }
+    u->sq_ring = mmap(NULL, u->sq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, u->fd,
+                      IORING_OFF_SQ_RING);
+    if (u->sq_ring == MAP_FAILED)
+        goto fail_errno;
+    if (p.features & IORING_FEAT_SINGLE_MMAP)
+        u->cq_ring = u->sq_ring;
+    else {
+        u->cq_ring = mmap(NULL, u->cq_ring_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, u->fd,
+                          IORING_OFF_CQ_RING);
+        if (u->cq_ring == MAP_FAILED)
+            goto fail_errno;
+    }
+    u->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
+    u->sqes = mmap(NULL, u->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, u->fd, IORING_OFF_SQES);
+    if (u->sqes == MAP_FAILED)
+        goto fail_errno;
+    u->sq_head = (unsigned *)((char *)u->sq_ring + p.sq_off.head);
+    u->sq_tail = (unsigned *)((char *)u->sq_ring + p.sq_off.tail);
+    u->sq_mask = (unsigned *)((char *)u->sq_ring + p.sq_off.ring_mask);
+    u->sq_array = (unsigned *)((char *)u->sq_ring + p.sq_off.array);
+    u->cq_head = (unsigned *)((char *)u->cq_ring + p.cq_off.head);
+    u->cq_tail = (unsigned *)((char *)u->cq_ring + p.cq_off.tail);
+    u->cq_mask = (unsigned *)((char *)u->cq_ring + p.cq_off.ring_mask);
+    u->cqes = (struct io_uring_cqe *)((char *)u->cq_ring + p.cq_off.cqes);
+    for (unsigned i = 0; i < p.sq_entries; i++)
+        u->sq_array[i] = i;            /* SQE i is always at SQ slot i */
+    u->tail = *u->sq_tail;
+
+    u->br_sz = UR_NBUF * sizeof(struct io_uring_buf);
+    u->br = mmap(NULL, u->br_sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    u->bufs = malloc((size_t)UR_NBUF * UR_BUFSZ);
+    u->sends = calloc(UR_NBUF, sizeof *u->sends);
+    u->cap = 1024;
+    u->socks = calloc(u->cap, sizeof *u->socks);
+    u->gens = calloc(u->cap, sizeof *u->gens);
+    u->free_ids = calloc(u->cap, sizeof *u->free_ids);
+    if (u->br == MAP_FAILED || !u->bufs || !u->sends || !u->socks || !u->gens || !u->free_ids) {
+        snprintf(t->init_msg, sizeof t->init_msg, "out of memory");
+        goto fail;
+    }
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = (uint64_t)(uintptr_t)u->br;
+    reg.ring_entries = UR_NBUF;
+    reg.bgid = UR_BGID;
+    if (syscall(__NR_io_uring_register, u->fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0) {
+        snprintf(t->init_msg, sizeof t->init_msg, "buffer ring: %s", strerror(errno));
+        goto fail;
+    }
+    for (unsigned i = 0; i < UR_NBUF; i++)
+        put_buf(u, i);
+    memset(&u->recv_mh, 0, sizeof u->recv_mh);
+    u->recv_mh.msg_namelen = sizeof(struct sockaddr_in);
+    if (self_test(t) < 0)
+        goto fail;
+    return 0;
+fail_errno:
+    snprintf(t->init_msg, sizeof t->init_msg, "mmap: %s", strerror(errno));
+fail:
+    rc_uring_free(t);
+    return -1;
+}
