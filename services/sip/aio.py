@@ -6,7 +6,9 @@ layer -> messages out and events to the TU; one ``call_at`` timer is re-armed at
 
 Robustness rules: a malformed datagram whose request line can still be read is answered with the
 ``SipParseError``'s status (400 unless more specific) and its reason, anything else is dropped, with
-a warning either way; a framing error on TCP is answered the same way and the connection closed.
+a warning either way; a framing error on TCP is answered the same way (from the start of the message,
+however many reads it came in) and the connection closed; so is a message left incomplete when the
+peer closes its side of the connection (a Content-Length larger than the body).
 Every incoming message and every handler is wrapped so that nothing takes the endpoint down.
 """
 
@@ -240,6 +242,9 @@ class _TcpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closing = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The stream bytes the framer holds (the start of the message not yet complete): what a
+        # framing error is answered from, since its request line may have come in an earlier read.
+        self._unframed = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
@@ -251,18 +256,41 @@ class _TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.remote is not None
+        self._unframed += data
         try:
             messages = self.framer.feed(data)
         except SipParseError as exc:
-            self.endpoint._malformed(data, exc, self.remote, "tcp")
+            self.endpoint._malformed(self._pending() or data, exc, self.remote, "tcp")
             self.close()
             return
         except Exception:
             log.exception("%s: TCP framing failed, closing %s:%s", self.endpoint.name, *self.remote)
             self.close()
             return
+        del self._unframed[: len(self._unframed) - self.framer.buffered]
         for message in messages:
             self.endpoint._on_message(message, self.remote, "tcp")
+
+    def _pending(self) -> bytes:
+        """The bytes the framer holds: the start of the message it has not completed (the one a
+        framing error is about)."""
+        keep = self.framer.buffered
+        return bytes(self._unframed[len(self._unframed) - keep :]) if keep else b""
+
+    def eof_received(self) -> bool | None:
+        """The peer closed its sending side: a message it left incomplete is a framing error
+        (its body is shorter than its Content-Length, or its header section never ended), answered
+        over the half-open connection like any other. Then the connection is closed."""
+        pending = self._pending()
+        if pending and self.remote is not None and not self.closing:
+            head = pending.lstrip(b"\r\n")
+            if b"\r\n\r\n" in head or b"\n\n" in head:
+                reason = "Content-Length larger than body (connection closed before the end of the body)"
+            else:
+                reason = "Header section is not terminated by an empty line (connection closed)"
+            self.endpoint._malformed(pending, SipParseError(reason), self.remote, "tcp")
+        self.closing = True
+        return None  # the transport closes itself (after writing what is queued)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

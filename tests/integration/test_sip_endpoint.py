@@ -235,6 +235,66 @@ async def test_tcp_framing_error_is_answered_and_closed(pair: tuple[SipEndpoint,
         writer.close()
 
 
+async def test_tcp_oversize_header_in_pieces_is_answered_413(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
+    """The request line came in an earlier read than the byte that broke the size limit: the 413
+    still echoes the request's identifiers (it is built from the start of the message)."""
+    _, bob = pair
+    reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+    try:
+        head = (
+            b"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKhuge\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c-huge\r\nCSeq: 1 OPTIONS\r\nX-Junk: "
+        )
+        writer.write(head)
+        await writer.drain()
+        for _ in range(13):
+            await asyncio.sleep(0.005)
+            writer.write(b"x" * 5000)  # 65000 bytes of one header, still below the limit
+            await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"x" * 1000)  # over 65535: the framer gives up
+        data = await asyncio.wait_for(reader.read(), 2)  # read() to EOF: the endpoint closes
+        reply = parse_message(data)
+        assert isinstance(reply, Response) and reply.status == 413, data[:200]
+        assert reply.call_id == "c-huge" and reply.branch == "z9hG4bKhuge"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (b"Content-Length: 500\r\n\r\nv=0\r\n", "Content-Length larger than body"),
+        (b"Content-Length: 0\r\nX-Never-Ending: ", "Header section is not terminated"),
+    ],
+)
+async def test_tcp_message_cut_short_by_eof_is_answered(
+    pair: tuple[SipEndpoint, SipEndpoint], caplog: pytest.LogCaptureFixture, message: bytes, reason: str
+) -> None:
+    """A peer that half-closes the connection in the middle of a message gets the 400 over the
+    half-open connection, a warning is logged, and the endpoint closes its side."""
+    _, bob = pair
+    reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+    try:
+        writer.write(
+            b"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
+            b"Via: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKshort\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: c-short\r\nCSeq: 1 OPTIONS\r\n" + message
+        )
+        await writer.drain()
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 2)
+        reply = parse_message(data)
+        assert isinstance(reply, Response) and reply.status == 400 and reason in reply.reason, data[:200]
+        assert reply.call_id == "c-short"
+        assert any(reason in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.05)
+    assert bob.connections == []
+
+
 async def test_handler_exception_answers_500(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
     alice, bob = pair
 
