@@ -429,6 +429,7 @@ class McpServer:
         session.end_reason = reason
         end = self.clock()
         stats = self._close_engine(session)
+        _log_invalid(session.recording_id, stats)
         task = self._spawn(self._store(session, stats, end))
         self._finalising[session.recording_id] = task
         return task
@@ -555,6 +556,21 @@ def _reason_cause(values: list[str]) -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+def _log_invalid(recording_id: str, stats: dict[str, Any] | None) -> None:
+    """A warning per leg whose RTP/RTCP ports received datagrams that were neither (too short,
+    wrong version, truncated, inconsistent header): rtp_core counted and dropped them, so they
+    are in neither the relayed stream nor the recording; the operator sees someone sent them."""
+    legs = (stats or {}).get("legs") or []
+    for label, leg in zip(("caller", "callee"), legs, strict=False):
+        invalid = leg.get("invalid") if isinstance(leg, dict) else None
+        if isinstance(invalid, int) and invalid > 0:
+            log.warning(
+                "recording %s: %d invalid datagram(s) on the %s leg ignored (not RTP/RTCP; neither "
+                "relayed nor recorded)",
+                recording_id, invalid, label,
+            )  # fmt: skip
 
 
 def _discard(spool_file: Path, spool: Path, recording_id: str) -> None:

@@ -47,6 +47,7 @@ class FakeEngine:
         self.fail_open = False
         self.closed = False
         self.packets = 25  # RTP packets per leg that close_session reports
+        self.invalid = 0  # invalid datagrams on the caller leg that close_session reports
 
     def fileno(self) -> int:
         return self._r
@@ -102,7 +103,7 @@ class FakeEngine:
             "duration": 0.5,
             "samples": 4000,
             "channels": s["channels"],
-            "legs": [leg, dict(leg, ssrc=43)],
+            "legs": [dict(leg, invalid=self.invalid), dict(leg, ssrc=43)],
         }
 
     def close(self) -> None:
@@ -464,6 +465,21 @@ async def test_bad_messages_mid_call_do_not_lose_the_recording(node: Node) -> No
     assert (await node.client.in_dialog(dialog, "BYE")).status == 200
     (event,) = await node.wait_events(1)
     assert event["duration"] == 0.5
+
+
+async def test_invalid_datagrams_are_logged_and_the_recording_filed(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.engine.invalid = 7  # junk that rtp_core counted and dropped on the caller leg
+    response, dialog, _ = await node.client.invite()
+    assert response.status == 200 and dialog is not None
+    assert (await node.client.in_dialog(dialog, "BYE")).status == 200
+    (event,) = await node.wait_events(1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    expected = f"recording {event['id']}: 7 invalid datagram(s) on the caller leg"
+    assert any(expected in w for w in warnings), warnings
+    assert not any("callee leg" in w for w in warnings)
+    assert [s["packets"] for s in event["streams"]] == [25, 25]
 
 
 @pytest.mark.parametrize(
