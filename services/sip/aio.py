@@ -8,7 +8,11 @@ Robustness rules: a malformed datagram whose request line can still be read is a
 ``SipParseError``'s status (400 unless more specific) and its reason, anything else is dropped, with
 a warning either way; a framing error on TCP is answered the same way (from the start of the message,
 however many reads it came in) and the connection closed; so is a message left incomplete when the
-peer closes its side of the connection (a Content-Length larger than the body).
+peer closes its side of the connection (a Content-Length larger than the body). A TCP connection
+that carries no complete message (nor a CRLF keep-alive) for ``idle_timeout`` seconds is closed, as is
+one whose current message stays incomplete for ``partial_timeout`` seconds (a peer trickling or
+stalling in the middle of a message, with a warning); incoming connections beyond
+``max_connections`` are accepted and closed at once, with a warning.
 Every incoming message and every handler is wrapped so that nothing takes the endpoint down.
 """
 
@@ -51,6 +55,13 @@ RequestHandler = Callable[["IncomingRequest"], Awaitable[None] | None]
 AckHandler = Callable[[Request, Address, str], None]
 
 _CONNECT_TIMEOUT = 5.0
+#: TCP connection limits (SipEndpoint arguments): no complete message in either direction nor a
+#: keep-alive for this long closes a connection (RFC 3261 18.3 leaves the lifetime to the server);
+IDLE_TIMEOUT = 300.0
+#: a message begun but not completed after 64*T1 (the transaction timeout) is abandoned;
+PARTIAL_TIMEOUT = 32.0
+#: simultaneous TCP connections per endpoint.
+MAX_CONNECTIONS = 10000
 _REQUEST_LINE = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+) +(\S+) +SIP/(\d+\.\d+)")
 _COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID"}
 _ECHOED = {"via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
@@ -241,21 +252,38 @@ class _TcpConnection(asyncio.Protocol):
         self.framer = StreamFramer()
         self.transport: asyncio.Transport | None = None
         self.closing = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         # The stream bytes the framer holds (the start of the message not yet complete): what a
         # framing error is answered from, since its request line may have come in an earlier read.
         self._unframed = bytearray()
+        # Loop times for the idle / partial-message timeouts: the last complete message (either
+        # direction) or keep-alive, and the first byte of the message still incomplete (None: none).
+        self._last_activity = self._loop.time()
+        self._partial_since: float | None = None
+        # One timer per connection, armed at the earliest deadline and re-checked when it fires, so
+        # that activity only updates the times above (no re-arming on every read).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_when = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
         if self.remote is None:
             peer = transport.get_extra_info("peername")
             self.remote = (peer[0], peer[1])
+            if not self.endpoint._admit(self.remote):
+                self.closing = True
+                transport.close()
+                return
         self.endpoint._connections[self.remote] = self
         log.debug("%s: TCP connection with %s:%s", self.endpoint.name, *self.remote)
+        self._last_activity = self._loop.time()
+        self._arm(self._last_activity + self.endpoint.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         assert self.remote is not None
+        if self.closing:
+            return  # closed by a timeout or the connection limit; the transport may still deliver
         self._unframed += data
         try:
             messages = self.framer.feed(data)
@@ -268,6 +296,15 @@ class _TcpConnection(asyncio.Protocol):
             self.close()
             return
         del self._unframed[: len(self._unframed) - self.framer.buffered]
+        now = self._loop.time()
+        if messages or not self.framer.buffered:
+            # A complete message, or nothing but CRLFs: a keep-alive (RFC 5626 4.4.1) is activity.
+            self._last_activity = now
+        if not self.framer.buffered:
+            self._partial_since = None
+        elif messages or self._partial_since is None:
+            self._partial_since = now  # a new message has begun
+            self._arm(now + self.endpoint.partial_timeout)
         for message in messages:
             self.endpoint._on_message(message, self.remote, "tcp")
 
@@ -294,26 +331,78 @@ class _TcpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self._disarm()
         if not self.closed.done():
             self.closed.set_result(None)
         if self.remote is not None and self.endpoint._connections.get(self.remote) is self:
             del self.endpoint._connections[self.remote]
 
     def write(self, data: bytes) -> None:
+        """Send one whole message (what the endpoint writes is always complete): activity."""
         assert self.transport is not None
         self.transport.write(data)
+        self._last_activity = self._loop.time()
 
     def close(self) -> None:
         self.closing = True
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
+
+    # -- idle and partial-message timeouts ----------------------------------------------------
+    def _arm(self, when: float) -> None:
+        """Make sure the watchdog fires no later than ``when``."""
+        if self.closing or (self._watchdog is not None and self._watchdog_when <= when):
+            return
+        self._disarm()
+        self._watchdog_when = when
+        self._watchdog = self._loop.call_at(when, self._on_watchdog)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_watchdog(self) -> None:
+        self._watchdog = None
+        if self.closing or self.remote is None:
+            return
+        endpoint = self.endpoint
+        now = self._loop.time()
+        deadline = self._last_activity + endpoint.idle_timeout
+        begun = self._partial_since
+        if begun is not None and now >= begun + endpoint.partial_timeout:
+            log.warning(
+                "%s: TCP %s:%s: message still incomplete %.1f s after it began (%d bytes received), closing",
+                endpoint.name,
+                self.remote[0],
+                self.remote[1],
+                now - begun,
+                self.framer.buffered,
+            )
+            self.close()
+        elif now >= deadline:
+            log.info(
+                "%s: TCP %s:%s idle for %.1f s, closing",
+                endpoint.name,
+                *self.remote,
+                now - self._last_activity,
+            )
+            self.close()
+        else:
+            self._arm(deadline if begun is None else min(deadline, begun + endpoint.partial_timeout))
 
 
 class SipEndpoint:
     """A SIP endpoint on one address: UDP and TCP on the same port, one TransactionLayer.
 
     ``timers`` shrinks T1 and friends for tests; ``advertised_host`` is the host written in Via and
-    Contact (defaults to ``host``, or 127.0.0.1 when binding a wildcard address).
+    Contact (defaults to ``host``, or 127.0.0.1 when binding a wildcard address). TCP limits:
+    ``idle_timeout`` closes a connection that carried no complete message (received or sent) nor a
+    CRLF keep-alive for that many seconds; ``partial_timeout`` closes one whose current message is
+    still incomplete that long after its first byte (with a warning, unanswered);
+    ``max_connections`` caps the simultaneous connections: an incoming one beyond it is accepted
+    and closed at once, with a warning.
     """
 
     def __init__(
@@ -326,9 +415,20 @@ class SipEndpoint:
         name: str = "sip",
         timers: TimerConfig | None = None,
         advertised_host: str | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
+        partial_timeout: float = PARTIAL_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if not (udp or tcp):
             raise ValueError("SipEndpoint needs UDP, TCP or both")
+        for what, value in (("idle_timeout", idle_timeout), ("partial_timeout", partial_timeout)):
+            if not value > 0:
+                raise ValueError(f"SipEndpoint {what} must be > 0, not {value!r}")
+        if max_connections < 1:
+            raise ValueError(f"SipEndpoint max_connections must be >= 1, not {max_connections!r}")
+        self.idle_timeout = float(idle_timeout)
+        self.partial_timeout = float(partial_timeout)
+        self.max_connections = max_connections
         self.host = host
         self.port = port
         self.name = name
@@ -350,6 +450,8 @@ class SipEndpoint:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._flushing = False
         self._closed = False
+        self._refused = 0  # incoming TCP connections refused since the last warning about it
+        self._refused_warned: float | None = None
 
     def __repr__(self) -> str:
         return f"<SipEndpoint {self.name} {self.host}:{self.port}>"
@@ -486,6 +588,29 @@ class SipEndpoint:
         self._flush(self.layer.respond(transaction, response, self._now()))
 
     # -- input ----------------------------------------------------------------------------------
+    def _admit(self, remote: Address) -> bool:
+        """Whether a new incoming TCP connection may stay (``max_connections``). Refusals are
+        warned about at most once a second, with their count, so a flood does not flood the log."""
+        if self._closed:
+            return False
+        if len(self._connections) < self.max_connections:
+            return True
+        self._refused += 1
+        now = self._now()
+        if self._refused_warned is None or now - self._refused_warned >= 1.0:
+            log.warning(
+                "%s: TCP connection from %s:%s closed at once: %d connections open (max_connections %d)%s",
+                self.name,
+                remote[0],
+                remote[1],
+                len(self._connections),
+                self.max_connections,
+                f"; {self._refused} refused since the last warning" if self._refused > 1 else "",
+            )
+            self._refused_warned = now
+            self._refused = 0
+        return False
+
     def _on_datagram(self, data: bytes, source: Address) -> None:
         if not data.strip(b"\r\n \t\0"):
             return  # keep-alive (RFC 5626 4.4.1: CRLF) or padding

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -293,6 +295,150 @@ async def test_tcp_message_cut_short_by_eof_is_answered(
         writer.close()
     await asyncio.sleep(0.05)
     assert bob.connections == []
+
+
+# -- TCP connection limits: idle and partial-message timeouts, connection cap ----------------------
+@asynccontextmanager
+async def limited_endpoint(**limits: Any) -> AsyncIterator[SipEndpoint]:
+    """One endpoint answering 200, with small TCP limits."""
+    endpoint = SipEndpoint(host="127.0.0.1", port=0, name="limited", timers=FAST, **limits)
+
+    def answer(incoming: IncomingRequest) -> None:
+        incoming.respond(200)
+
+    endpoint.request_handler = answer
+    await endpoint.start()
+    try:
+        yield endpoint
+    finally:
+        await endpoint.close()
+
+
+def raw_options(branch: str) -> bytes:
+    return (
+        f"OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bK{branch}\r\n"
+        f"From: <sip:a@x>;tag=1\r\nTo: <sip:b@y>\r\nCall-ID: {branch}\r\nCSeq: 1 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    reply = parse_message(data)
+    assert isinstance(reply, Response)
+    return reply
+
+
+async def until_closed(reader: asyncio.StreamReader, timeout: float = 3.0) -> tuple[bytes, float]:
+    """Read to EOF (the endpoint closed the connection): what came, and after how long."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    data = await asyncio.wait_for(reader.read(), timeout)
+    return data, loop.time() - t0
+
+
+async def test_tcp_idle_connection_is_closed() -> None:
+    async with limited_endpoint(idle_timeout=0.3, partial_timeout=5.0) as bob:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+        try:
+            data, elapsed = await until_closed(reader)
+            assert data == b"" and 0.25 <= elapsed < 2.0, (data, elapsed)
+        finally:
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert bob.connections == []
+
+
+async def test_tcp_messages_and_crlf_keepalives_keep_a_connection_open() -> None:
+    """RFC 5626 CRLF keep-alives and complete messages are activity; once they stop, the idle
+    timeout closes the connection."""
+    async with limited_endpoint(idle_timeout=0.3, partial_timeout=5.0) as bob:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+        try:
+            for i in range(8):  # 0.8 s, far beyond the idle timeout
+                await asyncio.sleep(0.1)
+                writer.write(b"\r\n\r\n" if i % 2 else raw_options(f"ka{i}"))
+                await writer.drain()
+                if not i % 2:
+                    assert (await read_response(reader)).status == 200
+            assert len(bob.connections) == 1
+            data, elapsed = await until_closed(reader)  # silence: closed after the idle timeout
+            assert data == b"" and 0.2 <= elapsed < 2.0, (data, elapsed)
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickled"])
+async def test_tcp_partial_message_times_out(caplog: pytest.LogCaptureFixture, trickle: bool) -> None:
+    """A message begun but never completed (stalled, or sent a byte at a time so the connection is
+    never silent) is abandoned after the partial-message timeout: no answer, a warning, closed."""
+    async with limited_endpoint(idle_timeout=5.0, partial_timeout=0.3) as bob:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+        writer.write(raw_options("ka-first"))  # a complete message first: the next one is partial
+        message = raw_options("partial")
+        writer.write(message[:40])
+        await writer.drain()
+        assert (await read_response(reader)).status == 200
+
+        async def trickle_bytes() -> None:
+            for i in range(40, len(message) - 1):
+                await asyncio.sleep(0.03)
+                writer.write(message[i : i + 1])
+
+        task = asyncio.create_task(trickle_bytes()) if trickle else None
+        try:
+            data, elapsed = await until_closed(reader)
+            assert data == b"" and 0.2 <= elapsed < 2.0, (data, elapsed)
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            writer.close()
+        await asyncio.sleep(0.05)
+        assert bob.connections == []
+        assert any(
+            "still incomplete" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records
+        ), caplog.text
+
+
+async def test_tcp_connections_beyond_the_limit_are_closed_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    async with limited_endpoint(max_connections=2) as bob:
+        opened = [await asyncio.open_connection("127.0.0.1", bob.port) for _ in range(2)]
+        try:
+            for i, (reader, writer) in enumerate(opened):
+                writer.write(raw_options(f"cap{i}"))
+                assert (await read_response(reader)).status == 200
+            reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+            try:
+                data, elapsed = await until_closed(reader, 2.0)
+                assert data == b"" and elapsed < 1.0
+            finally:
+                writer.close()
+            assert any(
+                "closed at once" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records
+            ), caplog.text
+            assert len(bob.connections) == 2
+            # The connections already open still work, and a freed place is taken again.
+            reader, writer = opened[0]
+            writer.write(raw_options("cap-again"))
+            assert (await read_response(reader)).status == 200
+            writer.close()
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", bob.port)
+            opened[0] = (reader, writer)
+            writer.write(raw_options("cap-new"))
+            assert (await read_response(reader)).status == 200
+        finally:
+            for _, writer in opened:
+                writer.close()
+
+
+@pytest.mark.parametrize(
+    "limits", [{"idle_timeout": 0}, {"partial_timeout": -1.0}, {"max_connections": 0}], ids=str
+)
+def test_tcp_limits_must_be_positive(limits: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(limits))):
+        SipEndpoint(port=0, **limits)  # type: ignore[arg-type]
 
 
 async def test_handler_exception_answers_500(pair: tuple[SipEndpoint, SipEndpoint]) -> None:
