@@ -203,7 +203,8 @@ class B2BUA:
         if tenant is None:
             inc.respond(404, "No tenant serves this domain")
             return
-        username, challenge = authenticate(req, self.challenger, tenant, now, proxy=True)
+        # An unknown caller is challenged and refused like a wrong password (407, then 403).
+        username, challenge = authenticate(req, self.challenger, tenant, now, proxy=True, source=inc.source)
         if challenge is not None:
             inc.send(challenge)
             return

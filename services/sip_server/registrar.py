@@ -9,6 +9,7 @@ standby can hold a replica (issue 5).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 MAX_CONTACTS_PER_AOR = 10
 #: Expiry used when neither the Contact nor the request says (RFC 3261 10.3 step 7: locally chosen).
 DEFAULT_EXPIRES = 3600
+#: The reason phrase of every 403 for bad credentials, whether the user exists or not (neither the
+#: challenge nor the refusal may tell who exists: that would let anyone enumerate extensions).
+BAD_CREDENTIALS = "Forbidden (bad credentials)"
+# Digests of an unknown user are checked against this password, which no user can have, so that
+# they cost the same work as a wrong password and get the same answer.
+_DECOY_PASSWORD = secrets.token_urlsafe(32)
 
 
 @dataclass
@@ -147,12 +154,18 @@ def authenticate(
     now: float,
     *,
     proxy: bool = False,
+    source: tuple[str, int] | None = None,
 ) -> tuple[str | None, Response | None]:
     """Check the digest credentials of ``request`` against ``tenant``'s users.
 
     Returns ``(username, None)`` when they are valid, else ``(None, response)``: 401/407 with fresh
     challenges when the request carries no credentials for our realm (or a stale nonce), 403 when
     they are wrong. ``proxy`` selects Proxy-Authorization / 407 (RFC 3261 22.3) over 401.
+
+    The answers never tell whether a user exists: an unknown user is challenged like any other, and
+    its credentials are checked against a decoy password, so it gets the same 403
+    (:data:`BAD_CREDENTIALS`) as a wrong password after the same work. Only the log line, for the
+    operator, says which it was (with ``source``, the request's address, when given).
     """
     header = "Proxy-Authorization" if proxy else "Authorization"
     status = 407 if proxy else 401
@@ -160,19 +173,36 @@ def authenticate(
     credentials = [v for v in request.headers.get_all(header) if _realm_of(v) == challenger.realm]
     if not credentials:
         return None, _challenge(request, challenger, now, status, challenge_header, stale=False)
-    result = challenger.verify(credentials[0], request.method, password_lookup(tenant), now)
-    if result.ok:
+    users = password_lookup(tenant)
+    unknown: list[str] = []
+
+    def lookup(username: str) -> str:
+        password = users(username)
+        if password is None:
+            unknown.append(username)
+            return _DECOY_PASSWORD
+        return password
+
+    result = challenger.verify(credentials[0], request.method, lookup, now)
+    if result.ok and not unknown:
         return result.username, None
-    if result.stale:
+    if result.stale and not unknown:
         return None, _challenge(request, challenger, now, status, challenge_header, stale=True)
-    log.info(
-        "%s from %s refused for tenant %s: %s",
+    if unknown:
+        what = "unknown user"
+    elif result.reason.startswith("wrong response"):
+        what = "wrong password"
+    else:
+        what = result.reason
+    log.warning(
+        "%s from %s refused for tenant %s: %s%s",
         request.method,
         result.username or "?",
         tenant.id,
-        result.reason,
+        what,
+        f" (source {source[0]}:{source[1]})" if source is not None else "",
     )
-    return None, make_response(request, 403, "Forbidden (bad credentials)")
+    return None, make_response(request, 403, BAD_CREDENTIALS)
 
 
 def _realm_of(value: str) -> str | None:
@@ -226,9 +256,9 @@ class Registrar:
         except SipParseError as exc:
             return make_response(request, exc.status, exc.reason)
         extension = aor.user or ""
-        if tenant.user(extension) is None:
-            return make_response(request, 404, "Not Found")
-        username, challenge = authenticate(request, self.challenger, tenant, now)
+        # An unknown extension is challenged and refused exactly like a known one with a wrong
+        # password (see authenticate): a 404 before the challenge would let anyone enumerate them.
+        username, challenge = authenticate(request, self.challenger, tenant, now, source=source)
         if challenge is not None:
             return challenge
         if username != extension:

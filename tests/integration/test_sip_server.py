@@ -21,6 +21,7 @@ from services.sip.dialog import Dialog
 from services.sip.message import Request
 from services.sip_server.daemon import SipServer
 from services.sip_server.policy import unb64json
+from services.sip_server.registrar import BAD_CREDENTIALS
 from tests.integration.sip_ua import FAST, Phone, answer_for, phone_sdp
 
 PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002", "1003": "pw-1003", "2001": "pw-2001", "2002": "pw-2002"}
@@ -200,6 +201,21 @@ async def test_register_ok_and_wrong_password(lab: Lab) -> None:
     assert bad.status == 403
 
 
+async def test_register_unknown_user_is_refused_like_a_wrong_password(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """401 first, then the very 403 a wrong password gets: extensions cannot be enumerated."""
+    wrong = await (await lab.phone("1001", register=False)).register(password="wrong")
+    stranger = await lab.phone("1999", register=False)
+    unknown = await stranger.register()
+    assert (unknown.status, unknown.reason) == (wrong.status, wrong.reason) == (403, BAD_CREDENTIALS)
+    assert any(
+        "REGISTER from 1999 refused" in r.getMessage()
+        and f"unknown user (source 127.0.0.1:{stranger.ep.port})" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+
+
 async def test_register_tcp(lab: Lab) -> None:
     phone = await lab.phone("1001", register=False, transport="tcp")
     assert (await phone.register()).status == 200
@@ -230,6 +246,22 @@ async def test_call_with_wrong_password_is_403(lab: Lab) -> None:
     a = await lab.phone("1001")
     out = await a.call("1002", password="wrong")
     assert (await out.final()).status == 403
+
+
+async def test_call_from_unknown_user_is_challenged_then_403(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unknown caller gets 407 and then the same 403 as a wrong password."""
+    wrong = await (await (await lab.phone("1001")).call("1002", password="wrong")).final()
+    stranger = await lab.phone("1999", register=False)
+    out = await stranger.call("1002")
+    assert "Proxy-Authorization" in out.request.headers  # the first answer was a 407
+    unknown = await out.final()
+    assert (unknown.status, unknown.reason) == (wrong.status, wrong.reason) == (403, BAD_CREDENTIALS)
+    assert any(
+        "INVITE from 1999 refused" in r.getMessage() and "unknown user" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 async def test_call_unknown_user_404(lab: Lab) -> None:

@@ -9,7 +9,8 @@ sockets:
   readable request gets 400 (or the specific 4xx/5xx) whose reason names the defect, unreadable
   bytes get nothing; over TCP the connection is closed after a framing error; every case leaves a
   WARNING naming its source address in the daemon's log, and the daemon still answers OPTIONS.
-- Wrong credentials: REGISTER 401 -> 403, INVITE 407 -> 403, each logged by the SIP Server.
+- Wrong credentials: REGISTER 401 -> 403, INVITE 407 -> 403, each logged by the SIP Server; an
+  unknown user gets the very same answers (no enumeration), the log alone says "unknown user".
 - Malformed SDP in an authenticated INVITE to a registered user: 488 with the defect in a Warning
   header; the callee never rings, nothing is recorded.
 - Garbage RTP/RTCP from a third socket into the MCP ports of a live recorded SIPp call: the call
@@ -369,18 +370,23 @@ async def test_wrong_credentials_are_challenged_then_refused(lab: Lab, users: di
         first, second = await client.with_credentials(client.register("1001", 60), "1001", "wrong-password")
         assert first.status == 401 and "Digest" in (first.headers.get("WWW-Authenticate") or "")
         assert second.status == 403 and "credentials" in second.reason, second
+        # An extension nobody has is challenged and refused the same way: no enumeration.
+        first, unknown = await client.with_credentials(client.register("1999", 60), "1999", "any-password")
+        assert first.status == 401 and "Digest" in (first.headers.get("WWW-Authenticate") or "")
+        assert (unknown.status, unknown.reason) == (second.status, second.reason), unknown
         # ... and for good credentials of another user (third-party registration).
         first, second = await client.with_credentials(client.register("1001", 60), "1002", users["1002"])
         assert (first.status, second.status) == (401, 403) and "AOR" in second.reason, (first, second)
-        # An extension nobody has is not challenged at all.
-        unknown = await asyncio.wait_for(client.ep.request(client.register("1999", 60)(1), client.server), 10)
-        assert unknown.status == 404, unknown
 
         # INVITE: 407, then 403 for the wrong password, and for good credentials of another user.
         make = client.invite("1001", "1002", good_sdp(), call_id=new_call_id("bad-input"))
         first, second = await client.with_credentials(make, "1001", "wrong-password")
         assert first.status == 407 and "Digest" in (first.headers.get("Proxy-Authenticate") or "")
         assert second.status == 403 and "credentials" in second.reason, second
+        # An unknown caller: the same 407, then the same 403.
+        make = client.invite("1999", "1002", good_sdp(), call_id=new_call_id("bad-input"))
+        first, unknown = await client.with_credentials(make, "1999", "any-password")
+        assert first.status == 407 and (unknown.status, unknown.reason) == (second.status, second.reason)
         make = client.invite("1003", "1002", good_sdp(), call_id=new_call_id("bad-input"))
         first, second = await client.with_credentials(make, "1001", users["1001"])
         assert (first.status, second.status) == (407, 403) and "From" in second.reason, second
@@ -388,9 +394,11 @@ async def test_wrong_credentials_are_challenged_then_refused(lab: Lab, users: di
     missing = wait_log(
         log_path,
         [
-            r"REGISTER from 1001 refused for tenant default",
+            r"REGISTER from 1001 refused for tenant default: wrong password \(source 127\.0\.0\.1:",
+            r"REGISTER from 1999 refused for tenant default: unknown user \(source 127\.0\.0\.1:",
             r"REGISTER of 1001 by 1002 refused: third-party registration",
-            r"INVITE from 1001 refused for tenant default",
+            r"INVITE from 1001 refused for tenant default: wrong password",
+            r"INVITE from 1999 refused for tenant default: unknown user",
         ],
     )
     assert not missing, f"the SIP Server did not log: {missing}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from services import config as config_mod
 from services.sip.auth import DigestChallenger, build_authorization, parse_digest
 from services.sip.message import Request, Response, parse_message
-from services.sip_server.registrar import BindingStore, Registrar
+from services.sip_server.registrar import BAD_CREDENTIALS, BindingStore, Registrar
 
 T0 = 1_700_000_000.0
 SOURCE = ("192.0.2.10", 40000)
@@ -139,8 +141,47 @@ def test_third_party_registration_refused(registrar: Registrar) -> None:
     assert resp.status == 403
 
 
-def test_unknown_user_404(registrar: Registrar) -> None:
-    assert registrar.handle(Phone("9999", "x").register(), SOURCE, "udp", T0).status == 404
+def test_unknown_user_is_challenged_and_refused_like_a_wrong_password(
+    registrar: Registrar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No enumeration of extensions: an unknown one gets the same 401 and then the same 403 as a
+    known one with a wrong password; only the log says which it was."""
+    caplog.set_level(logging.INFO, "services.sip_server.registrar")
+    known, unknown = Phone("1001", "secret1"), Phone("9999", "secret1")
+    answers = []
+    for phone, password in ((known, "nope"), (unknown, "secret1")):
+        first = registrar.handle(phone.register(), SOURCE, "udp", T0)
+        assert first.status == 401
+        algorithms = [parse_digest(v).get("algorithm") for v in first.headers.get_all("WWW-Authenticate")]
+        assert algorithms == ["SHA-256", "MD5"]
+        second = registrar.handle(phone.register(challenge=first, password=password), SOURCE, "udp", T0)
+        answers.append((second.status, second.reason, sorted(n for n, _ in second.headers.items())))
+    assert answers[0] == answers[1] == (403, BAD_CREDENTIALS, answers[0][2])
+    assert registrar.store.count() == 0
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert messages == [
+        "REGISTER from 1001 refused for tenant acme: wrong password (source 192.0.2.10:40000)",
+        "REGISTER from 9999 refused for tenant acme: unknown user (source 192.0.2.10:40000)",
+    ]
+
+
+def test_unknown_user_with_an_expired_nonce_is_refused_not_rechallenged(registrar: Registrar) -> None:
+    """A stale nonce is only reported for credentials that were right (RFC 7616 3.3), so an unknown
+    user gets 403 there too, like a wrong password, rather than a telling 401 stale=true."""
+    for phone, password in ((Phone("1001", "secret1"), "nope"), (Phone("9999", "x"), "x")):
+        first = registrar.handle(phone.register(), SOURCE, "udp", T0)
+        late = registrar.handle(
+            phone.register(challenge=first, password=password), SOURCE, "udp", T0 + 10_000
+        )
+        assert (late.status, late.reason) == (403, BAD_CREDENTIALS)
+
+
+def test_registering_an_unknown_extension_with_valid_credentials_is_third_party(registrar: Registrar) -> None:
+    phone = Phone("9999", "secret1")
+    first = registrar.handle(phone.register(), SOURCE, "udp", T0)
+    resp = registrar.handle(phone.register(challenge=first, username="1001"), SOURCE, "udp", T0)
+    assert resp.status == 403 and "AOR" in resp.reason
+    assert registrar.store.count() == 0
 
 
 def test_tenant_by_domain(registrar: Registrar) -> None:
