@@ -618,6 +618,8 @@ static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
     struct sockaddr_in *to = rc_relay_to(s, L, 0);
     int64_t now;
     n = recv_batch(t, k->fd);
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+        mark_hot(t, k, BATCH);         /* an error reported once (ICMP): read the queue next time */
     if (n <= 0)
         return;
     mark_hot(t, k, n);
@@ -643,6 +645,8 @@ static void handle_rtcp(rc_thread_t *t, rc_sock_t *k)
     rc_leg_io_t *peer = &s->io[1 - L];
     struct sockaddr_in *to = rc_relay_to(s, L, 1);
     n = recv_batch(t, k->fd);
+    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+        mark_hot(t, k, BATCH);
     mark_hot(t, k, n);
     for (int i = 0; i < n; i++)
         if (rc_rtcp_check(s, L, t->bufs[i], t->msgs[i].msg_len, t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC,

@@ -281,7 +281,12 @@ static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
     if (bid >= 0 && !held)
         put_buf(u, (unsigned)bid);
     if (k && !(cqe->flags & IORING_CQE_F_MORE)) {
-        /* the multishot receive ended (out of buffers, or an error on the socket): start another */
+        /* the multishot receive ended: out of buffers, or an error reported on the socket (an ICMP
+         * port unreachable for one of its sends); start another unless the socket itself is bad */
+        if (cqe->res == -EBADF || cqe->res == -ENOTSOCK || cqe->res == -EINVAL || cqe->res == -EOPNOTSUPP) {
+            k->s->rec.leg[k->leg].invalid++;
+            return;
+        }
         u->recv_rearms++;
         arm_recv_fd(u, k->fd, ud(UD_RECV, u->gens[k->slot], k->slot));
     }

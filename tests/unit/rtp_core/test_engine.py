@@ -337,3 +337,22 @@ def test_io_argument() -> None:
         rtp_core.Engine(io="select")
     with rtp_core.Engine() as e:
         assert e.io in ("epoll", "io_uring")
+
+
+def test_icmp_errors_from_a_vanished_peer_do_not_stall_a_leg(engine: rtp_core.Engine) -> None:
+    a, b, gone = phone(), phone(), phone()
+    sid = engine.open_session(output_path=None)
+    pa, pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 1, *gone.getsockname())
+    gone.close()  # the callee's port is closed: relays to it come back as ICMP port unreachable
+    for _, d in stream(440, 10):
+        a.sendto(d, ("127.0.0.1", pa))
+        time.sleep(0.002)
+    time.sleep(0.05)
+    for _, d in stream(1000, 10, ssrc=9):
+        b.sendto(d, ("127.0.0.1", pb))
+        time.sleep(0.002)
+    time.sleep(0.1)
+    st = engine.close_session(sid)
+    assert st["legs"][0]["packets"] == 10
+    assert st["legs"][1]["packets"] == 10  # the errors reported on leg 1's socket lost none of its input
