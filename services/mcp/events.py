@@ -13,7 +13,8 @@ from .xcv import BridgeRequest
 
 log = logging.getLogger("callvault.mcp.events")
 
-STREAM_INTS = ("ssrc", "packets", "bytes", "lost", "late", "duplicates", "reordered")
+# "invalid": datagrams on the leg's RTP/RTCP ports that were neither (junk rtp_core ignored).
+STREAM_INTS = ("ssrc", "packets", "bytes", "lost", "late", "duplicates", "reordered", "invalid")
 STREAM_FLOATS = ("jitter_ms", "gap_total_ms", "longest_gap_ms")
 SAMPLE_RATE = 8000
 

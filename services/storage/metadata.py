@@ -47,7 +47,8 @@ FIELDS = frozenset(
     {*_REQUIRED, *_STRINGS, *_INTS, "duration", "sha256", "streams", "labels", "extra", "encryption"}
 )
 
-_STREAM_INTS = ("ssrc", "packets", "bytes", "lost", "late", "duplicates", "reordered")
+# Every stream field is optional (older events lack "invalid", rtp_core's junk-datagram count).
+_STREAM_INTS = ("ssrc", "packets", "bytes", "lost", "late", "duplicates", "reordered", "invalid")
 _STREAM_FLOATS = ("jitter_ms", "gap_total_ms", "longest_gap_ms")
 
 

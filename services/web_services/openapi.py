@@ -49,6 +49,11 @@ _STREAM = {
         "late": {"type": "integer"},
         "duplicates": {"type": "integer"},
         "reordered": {"type": "integer"},
+        "invalid": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "junk datagrams (neither RTP nor RTCP) on the leg's ports; absent in older events",
+        },
         "jitter_ms": {"type": "number"},
         "gap_total_ms": {"type": "number"},
         "longest_gap_ms": {"type": "number"},

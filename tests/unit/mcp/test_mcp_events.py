@@ -58,8 +58,8 @@ def test_document_fields() -> None:
     caller, callee = e["streams"]
     assert caller == {
         "label": "caller", "ssrc": 0xDEADBEEF, "packets": 250, "bytes": 40000, "lost": 2, "late": 1,
-        "duplicates": 0, "reordered": 3, "jitter_ms": 1.235, "gap_total_ms": 40.0, "longest_gap_ms": 20.0,
-        "dtmf": "12#",
+        "duplicates": 0, "reordered": 3, "invalid": 0, "jitter_ms": 1.235, "gap_total_ms": 40.0,
+        "longest_gap_ms": 20.0, "dtmf": "12#",
     }  # fmt: skip
     assert callee["label"] == "callee" and callee["ssrc"] == 7 and callee["dtmf"] == ""
     assert check_event(e) is None
@@ -84,6 +84,20 @@ def test_end_before_start_is_clamped_and_naive_times_are_utc() -> None:
 def test_stream_entry_sanitises_engine_values() -> None:
     s = stream_entry("caller", {"packets": -5, "jitter_ms": float("nan"), "lost": -1, "dtmf": "5"})
     assert s["packets"] == 0 and s["jitter_ms"] == 0.0 and s["lost"] == -1 and s["dtmf"] == "5"
+
+
+def test_invalid_datagram_counts_per_leg() -> None:
+    """rtp_core's per-leg count of junk datagrams (neither RTP nor RTCP) is in each stream."""
+    e = event(
+        close_stats={"duration": 5.0, "channels": 2, "legs": [dict(LEG, invalid=17), dict(LEG, invalid=0)]}
+    )
+    assert [s["invalid"] for s in e["streams"]] == [17, 0]
+    assert check_event(e) is None
+    assert validate_document(e)["streams"][0]["invalid"] == 17
+    # An engine without the counter, or a nonsense value: 0, never a broken document.
+    assert stream_entry("caller", {})["invalid"] == 0
+    assert stream_entry("caller", {"invalid": -3})["invalid"] == 0
+    assert stream_entry("caller", {"invalid": "junk"})["invalid"] == 0
 
 
 def test_defect_is_reported_not_raised() -> None:

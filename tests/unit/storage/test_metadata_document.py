@@ -45,6 +45,7 @@ def doc(**changes: Any) -> dict[str, Any]:
                 "late": 0,
                 "duplicates": 0,
                 "reordered": 0,
+                "invalid": 3,
                 "jitter_ms": 1.5,
                 "gap_total_ms": 0,
                 "longest_gap_ms": 0,
@@ -95,6 +96,9 @@ def test_defaults_for_optional_fields() -> None:
         ({"storage": {"kind": "disk", "key": "../../etc/passwd"}}, "storage.key"),
         ({"streams": [{"label": "caller", "packets": "many"}]}, "streams[0].packets"),
         ({"streams": [{"label": "caller", "jitter_ms": float("nan")}]}, "streams[0].jitter_ms"),
+        ({"streams": [{"label": "caller", "invalid": -1}]}, "streams[0].invalid"),
+        ({"streams": [{"label": "caller", "invalid": 2.5}]}, "streams[0].invalid"),
+        ({"streams": [{"label": "caller", "invalid": True}]}, "streams[0].invalid"),
         ({"call_id": ...}, "call_id"),
         ({"surprise": 1}, "surprise"),
         ({"caller": 1001}, "caller"),
@@ -108,6 +112,18 @@ def test_errors_name_the_field(changes: dict[str, Any], field: str) -> None:
         validate_document(doc(**changes))
     assert info.value.field == field
     assert str(info.value).startswith(field)
+
+
+def test_stream_invalid_count_is_optional() -> None:
+    """rtp_core's junk-datagram count per stream: kept when present, not required (older events)."""
+    assert validate_document(doc())["streams"][0]["invalid"] == 3
+    older = doc()
+    del older["streams"][0]["invalid"]
+    assert "invalid" not in validate_document(older)["streams"][0]
+    assert (
+        validate_document(doc(streams=[{"label": "callee", "invalid": None}]))["streams"][0]["invalid"]
+        is None
+    )
 
 
 def test_not_an_object() -> None:
