@@ -268,7 +268,7 @@ static void place(rc_rec_t *r, rc_leg_t *L, int kind, int64_t pos, const rc_rtp_
 void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const char *ip, int port)
 {
     rc_leg_t *L = &r->leg[li];
-    int kind = L->ptmap[p->pt], newest = 0;
+    int kind = L->ptmap[p->pt], newest = 0, restart = 0;
     int64_t arr, ext, ts_ext;
 
     L->packets++;
@@ -309,6 +309,7 @@ void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const
         newest = 1;
     } else {
         int delta = (int16_t)(uint16_t)(p->seq - L->max_seq);
+        int idle = arr - L->last_arr > RC_RESTART_IDLE;
         if (delta > 0 && delta < RC_MAX_DROPOUT) {
             ext = L->ext_max + delta;
             if (delta >= RC_SEQWIN)
@@ -317,6 +318,14 @@ void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const
                 for (int64_t e = L->ext_max + 1; e < ext; e++)
                     set_seen(L, e, 0);
             newest = 1;
+        } else if (idle) {
+            /* after a silence (hold, a muted or paused sender) a backward or far jump is a sender
+               that restarted its sequence (and timestamps) with the same SSRC: a new segment,
+               placed where it arrives */
+            start_segment(L, p->seq);
+            ext = L->ext_max;
+            newest = 1;
+            restart = 1;
         } else if (delta <= 0 && delta > -RC_SEQWIN) {
             ext = L->ext_max + delta;
             if (seen_bit(L, ext)) {
@@ -336,6 +345,8 @@ void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const
     }
     ts_ext = L->ts_ext_last + (int32_t)(p->ts - L->ts_last);
     set_seen(L, ext, 1);
+    if (arr > L->last_arr)
+        L->last_arr = arr;
     L->seg_received++;
     if (ext < L->base_ext)
         L->base_ext = ext;
@@ -365,7 +376,7 @@ void rc_rec_packet(rc_rec_t *r, int li, int64_t now_ns, const rc_rtp_t *p, const
         L->last_transit = transit;
         L->jit_init = 1;
         /* timeline anchor */
-        if (!L->anchored) {
+        if (!L->anchored || restart) {
             L->anchored = 1;
             L->anchor_pos = arr;
             L->anchor_ts = ts_ext;

@@ -20,6 +20,8 @@
 #define RC_JUMP 480                  /* 60 ms: timestamp vs. wall-clock drift that re-anchors a leg */
 #define RC_HOLD 1600                 /* 200 ms: how long a drift must persist before re-anchoring */
 #define RC_FAR 2400                  /* 300 ms: a packet this far ahead of its arrival re-anchors at once */
+#define RC_RESTART_IDLE 8000         /* 1 s: after this long without packets a backward or far sequence
+                                        jump is a sender that restarted its numbering, not duplicates */
 #define RC_MAX_REORDER_MS 2000
 #define RC_DTMF_MAX 255
 #define RC_ABSENT INT16_MIN          /* ring value of a sample no packet wrote (G.711 never decodes to it) */
@@ -71,6 +73,7 @@ typedef struct {
     uint64_t seg_received;  /* unique packets in the current sequence segment */
     uint64_t seen[RC_SEQWIN / 64];
     uint32_t ts_last;       /* timestamp of the highest sequence number */
+    int64_t last_arr;       /* timeline position of the newest accepted packet's arrival */
     int64_t ts_ext_last;
     /* timeline placement */
     int anchored;

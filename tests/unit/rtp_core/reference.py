@@ -19,6 +19,7 @@ MAX_DROPOUT = 3000
 JUMP = 480  # 60 ms
 HOLD = 1600  # 200 ms
 FAR = 2400  # 300 ms
+RESTART_IDLE = 8000  # 1 s: a backward/far sequence jump after this much silence is a restart
 CHUNK = 1024
 
 PCMU, PCMA, CN, TE, OTHER = 1, 2, 3, 4, 5
@@ -163,6 +164,7 @@ class Leg:
     seg_received: int = 0
     seen: list[bool] = field(default_factory=lambda: [False] * SEQWIN)
     ts_last: int = 0
+    last_arr: int = 0
     ts_ext_last: int = 0
     anchored: bool = False
     anchor_pos: int = 0
@@ -271,12 +273,13 @@ class Recorder:
             self._new_stream(li, seq, ts, ssrc)
             self._events.append(("ssrc_change", 0, li, ssrc))
 
-        newest = False
+        newest = restart = False
         if L.seg_received == 0:
             ext = L.ext_max
             newest = True
         else:
             delta = s16(seq - L.max_seq)
+            idle = arr - L.last_arr > RESTART_IDLE
             if 0 < delta < MAX_DROPOUT:
                 ext = L.ext_max + delta
                 if delta >= SEQWIN:
@@ -285,6 +288,15 @@ class Recorder:
                     for e in range(L.ext_max + 1, ext):
                         L.seen[e % SEQWIN] = False
                 newest = True
+            elif idle:  # a sender that restarted its sequence after a silence
+                L.lost_acc += L.seg_lost()
+                L.ext_max = L.base_ext = seq
+                L.max_seq = seq
+                L.seg_received = 0
+                L.bad_seq = -1
+                L.seen = [False] * SEQWIN
+                ext = L.ext_max
+                newest = restart = True
             elif -SEQWIN < delta <= 0:
                 ext = L.ext_max + delta
                 if L.seen[ext % SEQWIN]:
@@ -305,6 +317,7 @@ class Recorder:
                 return True
         ts_ext = L.ts_ext_last + s32(ts - L.ts_last)
         L.seen[ext % SEQWIN] = True
+        L.last_arr = max(L.last_arr, arr)
         L.seg_received += 1
         L.base_ext = min(L.base_ext, ext)
         if newest:
@@ -323,7 +336,7 @@ class Recorder:
                 L.jitter += (float(d) - L.jitter) / 16.0
             L.last_transit = transit
             L.jit_init = True
-            if not L.anchored:
+            if not L.anchored or restart:
                 L.anchored, L.anchor_pos, L.anchor_ts, L.drift = True, arr, ts_ext, 0
             elif newest:
                 d = arr - (L.anchor_pos + (ts_ext - L.anchor_ts))

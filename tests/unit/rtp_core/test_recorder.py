@@ -273,3 +273,28 @@ def test_tone_frequencies_survive() -> None:
     out = channel(run(c, [(t, 0, d) for t, d in a], end_ns=1000 * MS), 0)
     want = tone(440, 8000)
     assert max(abs(x - y) for x, y in zip(out, want, strict=True)) < 300
+
+
+def test_sequence_restart_after_silence_is_a_new_segment() -> None:
+    # A sender that resumes after a hold by replaying from its first sequence number and timestamp
+    # (SIPp's play_pcap_audio does exactly this): not duplicates, but audio placed where it arrives.
+    first = stream(440, 25)
+    again = stream(440, 25, t0_ns=2500 * MS)  # same SSRC, seq and timestamps as `first`
+    for rec in both():
+        out = run(rec, [(t, 0, d) for t, d in first + again], end_ns=3100 * MS)
+        left = channel(out, 0)
+        assert left[: 25 * 160] == decoded([d for _, d in first])
+        assert left[25 * 160 : 20000] == [0] * (20000 - 25 * 160)  # the hold: silence
+        assert left[20000 : 20000 + 25 * 160] == decoded([d for _, d in again])  # at 2.5 s
+        leg = rec.stats()["legs"][0]
+        assert leg["duplicates"] == 0 and leg["late"] == 0 and leg["lost"] == 0, leg
+        assert leg["gap_total_ms"] == 2000.0 and leg["longest_gap_ms"] == 2000.0, leg
+
+
+def test_duplicates_soon_after_are_still_duplicates() -> None:
+    a = stream(440, 25)
+    dup = [(t + 300 * MS, d) for t, d in a[10:15]]  # the same packets again 0.3 s later
+    for rec in both():
+        out = run(rec, [(t, 0, d) for t, d in a + dup], end_ns=1000 * MS)
+        assert channel(out, 0)[: 25 * 160] == decoded([d for _, d in a])
+        assert rec.stats()["legs"][0]["duplicates"] == 5
