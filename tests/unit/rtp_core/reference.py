@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 RATE = 8000
 NS_PER_SAMPLE = 1_000_000_000 // RATE
@@ -471,7 +472,7 @@ class Recorder:
 
     # -- statistics
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         legs = []
         for L in self.legs:
             legs.append(
