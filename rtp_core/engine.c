@@ -665,6 +665,12 @@ static void tick_all(rc_thread_t *t, int64_t now)
     size_t phase = (size_t)(t->ls.ticks % TICK_PHASES);
     for (size_t i = phase; i < t->nsess; i += TICK_PHASES) {
         rc_session_t *s = t->sessions[i];
+        /* two sessions ahead: their state; one ahead: the ring samples it will emit (with thousands
+         * of sessions both have left the cache since their last packet) */
+        if (i + 2 * TICK_PHASES < t->nsess)
+            __builtin_prefetch(&t->sessions[i + 2 * TICK_PHASES]->rec, 0, 3);
+        if (i + TICK_PHASES < t->nsess && t->sessions[i + TICK_PHASES]->recording)
+            rc_rec_prefetch_tick(&t->sessions[i + TICK_PHASES]->rec);
         if (s->recording)
             rc_rec_tick(&s->rec, now);
         if (!s->timed_out && s->timeout_ns > 0 && now - s->last_rx >= s->timeout_ns) {
