@@ -12,6 +12,7 @@ log line; nothing a client sends produces a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -336,8 +337,11 @@ class Api:
         await response.prepare(request)
         if request.method != "HEAD" and last >= first:
             try:
-                async for chunk in src.iter_range(first, last):
-                    await response.write(chunk)
+                # aclosing: the file is closed now, not when the generator is collected, also
+                # when the client goes away mid-stream
+                async with contextlib.aclosing(src.iter_range(first, last)) as chunks:
+                    async for chunk in chunks:
+                        await response.write(chunk)
             except (ConnectionResetError, ConnectionError):
                 log.debug("client went away while streaming %s", doc["id"])
                 return response

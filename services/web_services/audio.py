@@ -8,10 +8,10 @@ they plug in here as other :class:`AudioSource` implementations (``size`` is the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from services.storage.disk import DiskWriter
 
@@ -33,7 +33,7 @@ class AudioSource(Protocol):
     size: int
     content_type: str
 
-    def iter_range(self, first: int, last: int) -> AsyncIterator[bytes]:
+    def iter_range(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
         """Bytes ``first..last`` (inclusive), in chunks, without blocking the event loop."""
         ...
 
@@ -46,8 +46,14 @@ class DiskAudio:
     size: int
     content_type: str
 
-    async def iter_range(self, first: int, last: int) -> AsyncIterator[bytes]:
-        f = await asyncio.to_thread(open, self.path, "rb")
+    async def iter_range(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
+        opening = asyncio.ensure_future(asyncio.to_thread(open, self.path, "rb"))
+        try:
+            f = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # the open goes on in its thread: close what it opens
+            opening.add_done_callback(_close_opened)
+            raise
         try:
             await asyncio.to_thread(f.seek, first)
             remaining = last - first + 1
@@ -58,7 +64,12 @@ class DiskAudio:
                 remaining -= len(chunk)
                 yield chunk
         finally:
-            await asyncio.to_thread(f.close)
+            f.close()  # closing a read-only file does not block; an await here could be cancelled
+
+
+def _close_opened(task: asyncio.Future[BinaryIO]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
 
 
 async def open_audio(doc: dict[str, Any], disk: DiskWriter) -> AudioSource:
