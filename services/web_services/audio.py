@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from services.storage.disk import DiskWriter
 
@@ -67,7 +67,7 @@ class DiskAudio:
             f.close()  # closing a read-only file does not block; an await here could be cancelled
 
 
-def _close_opened(task: asyncio.Future[BinaryIO]) -> None:
+def _close_opened(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()
 
