@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup lint typecheck bench clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt rtp_core/_core.c
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard rtp_core/*.c rtp_core/*.h)
 	bash deploy/install-debian-packages.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
