@@ -136,7 +136,7 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
     ]
     acme_users = [
         {"extension": str(2001 + i), "password": _password(), "display_name": f"Acme user {2001 + i}"}
-        for i in range(2)
+        for i in range(3)
     ]
     return {
         "sip_server": {
