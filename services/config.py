@@ -66,14 +66,18 @@ class IvrProfile:
     channels: int = 2
     storage: str = "disk"
     reorder_ms: int = 100
+    #: X.509 PEM files (RSA >= 2048 bits) whose public keys wrap each recording's data key (several
+    #: during a key rotation); empty = recordings stored unencrypted. Relative paths are resolved
+    #: against the config file's directory at load time (see services/storage/envelope.py).
+    certificates: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if self.format not in ("wav",):
             raise ConfigError(f"{where}.format must be 'wav', not {self.format!r}")
         if self.channels not in (1, 2):
             raise ConfigError(f"{where}.channels must be 1 (mono mix) or 2 (stereo), not {self.channels!r}")
-        if self.storage not in ("disk",):
-            raise ConfigError(f"{where}.storage must be 'disk', not {self.storage!r}")
+        if self.storage not in ("disk", "s3"):
+            raise ConfigError(f"{where}.storage must be 'disk' or 's3', not {self.storage!r}")
         if not 20 <= self.reorder_ms <= 500:
             raise ConfigError(f"{where}.reorder_ms must be between 20 and 500, not {self.reorder_ms!r}")
 
@@ -212,6 +216,37 @@ class StorageConfig:
 
     disk_root: str = "var/storage"
     queue_dir: str = "var/queue"
+    # S3-compatible object storage, for tenants whose IVR Profile says storage = "s3" (path-style
+    # addressing; services/storage/s3.py). Objects are keyed like disk files: <tenant>/<YYYY>/<MM>/<DD>/<id>.<ext>.
+    s3_endpoint_url: str = ""
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    #: Files up to this size go in one PUT; larger ones as multipart uploads of parts this size.
+    s3_part_size: int = 8 * 1024 * 1024
+    #: Attempts per S3 request (exponential backoff between them) before the upload as a whole fails.
+    s3_max_attempts: int = 5
+    s3_timeout: float = 30.0
+    #: A recording whose upload failed waits in the MCP's spool and is retried forever, the delay
+    #: doubling from 0.5 s up to this many seconds.
+    upload_max_backoff: float = 10.0
+
+    def validate(self, where: str) -> None:
+        if not 5 * 1024 * 1024 <= self.s3_part_size <= 5 * 1024**3:
+            raise ConfigError(f"{where}.s3_part_size must be between 5 MiB and 5 GiB (S3's part limits)")
+        if self.s3_max_attempts < 1:
+            raise ConfigError(f"{where}.s3_max_attempts must be at least 1")
+        if self.s3_timeout <= 0:
+            raise ConfigError(f"{where}.s3_timeout must be positive")
+        if self.upload_max_backoff < 0.5:
+            raise ConfigError(f"{where}.upload_max_backoff must be at least 0.5 seconds")
+        if self.s3_endpoint_url and not re.match(r"https?://[^/\s]+", self.s3_endpoint_url):
+            raise ConfigError(f"{where}.s3_endpoint_url must be an http:// or https:// URL")
+
+    @property
+    def s3_configured(self) -> bool:
+        return bool(self.s3_bucket)
 
 
 @dataclass
@@ -255,6 +290,7 @@ class ClusterConfig:
 
     def validate(self) -> None:
         self.resource_manager.validate("resource_manager")
+        self.storage.validate("storage")
         names: set[str] = set()
         for i, mcp in enumerate(self.mcp):
             mcp.validate(f"mcp[{i}]")
@@ -267,9 +303,12 @@ class ClusterConfig:
         for i, tenant in enumerate(self.tenants):
             where = f"tenants[{i}]"
             tenant.validate(where)
+            if tenant.profile.storage == "s3" and not self.storage.s3_configured:
+                raise ConfigError(f"{where}.profile.storage is 's3' but storage.s3_bucket is not set")
             if tenant.id in ids:
                 raise ConfigError(f"{where}.id {tenant.id!r} is used twice")
             ids.add(tenant.id)
+            _check_certificates(self, tenant.profile, f"{where}.profile.certificates")
             if tenant.api_key in keys:
                 raise ConfigError(f"{where}.api_key is shared with another tenant")
             keys.add(tenant.api_key)
@@ -313,6 +352,24 @@ class ClusterConfig:
         """Resolve a path from the file relative to the config file's directory."""
         p = Path(value)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _check_certificates(config: ClusterConfig, profile: IvrProfile, where: str) -> None:
+    """Resolve an IVR Profile's certificate paths and check each one (parseable X.509 PEM, RSA key of
+    at least 2048 bits, within its validity period)."""
+    if not profile.certificates:
+        return
+    from services.storage.envelope import CertificateError, load_certificate
+
+    resolved = []
+    for i, value in enumerate(profile.certificates):
+        path = config.path(value)
+        try:
+            load_certificate(path)
+        except CertificateError as exc:
+            raise ConfigError(f"{where}[{i}]: {exc}") from None
+        resolved.append(str(path.resolve()))
+    profile.certificates = resolved
 
 
 def parse_hostport(value: str, where: str = "address") -> tuple[str, int]:
