@@ -50,6 +50,8 @@ static PyObject *leg_dict(const rc_leg_t *L, const rc_leg_stats_t *io)
         SETU("rtcp_packets", io->rtcp_packets);
         SETU("rtcp_relayed", io->rtcp_relayed);
         SETU("send_errors", io->send_errors);
+        SETU("foreign", io->foreign);
+        SETU("relatches", io->relatches);
 #undef SETU
         if (bad) {
             Py_DECREF(d);
@@ -513,14 +515,15 @@ static PyObject *Engine_poll_events(EngineObject *self, PyObject *unused)
 
 static PyObject *Engine_open_session(EngineObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"output_path", "channels", "mode", "reorder_ms", "timeout_s", NULL};
+    static char *kwlist[] = {"output_path", "channels", "mode", "reorder_ms", "timeout_s", "strict_source", NULL};
     PyObject *path = Py_None, *pathb = NULL;
-    int channels = 2, reorder_ms = 100;
+    int channels = 2, reorder_ms = 100, strict = 1;
     const char *mode = "bridge";
     double timeout_s = 60.0;
     rc_cmd_t c;
     if (!eng_ready(self) ||
-        !PyArg_ParseTupleAndKeywords(args, kw, "|$Oisid", kwlist, &path, &channels, &mode, &reorder_ms, &timeout_s))
+        !PyArg_ParseTupleAndKeywords(args, kw, "|$Oisidp", kwlist, &path, &channels, &mode, &reorder_ms, &timeout_s,
+                                     &strict))
         return NULL;
     memset(&c, 0, sizeof c);
     if (channels != 1 && channels != 2)
@@ -546,6 +549,7 @@ static PyObject *Engine_open_session(EngineObject *self, PyObject *args, PyObjec
     c.channels = channels;
     c.reorder_ms = reorder_ms;
     c.timeout_s = timeout_s;
+    c.strict = strict;
     if (call(self, &c) < 0) {
         Py_XDECREF(pathb);
         return NULL;

@@ -224,6 +224,8 @@ static void fill_stats(rc_session_t *s, rc_stats_t *st)
         ls->rtcp_packets = io->rtcp_packets;
         ls->rtcp_relayed = io->rtcp_relayed;
         ls->send_errors = io->send_errors;
+        ls->foreign = io->foreign;
+        ls->relatches = io->relatches;
         ls->rec = s->rec.leg[i];
         ls->rec.ring = NULL;
     }
@@ -259,6 +261,7 @@ static int cmd_open(rc_thread_t *t, rc_cmd_t *c)
     s->id = c->session;
     s->mode = c->mode;
     s->channels = c->channels;
+    s->strict = c->strict;
     s->recording = c->path != NULL;
     s->eng = t->eng;
     s->fd = -1;
@@ -556,7 +559,7 @@ static void mark_hot(rc_thread_t *t, rc_sock_t *k, int n)
 }
 
 int rc_rtp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int trunc,
-                 const struct sockaddr_in *src, rc_rtp_t *p)
+                 const struct sockaddr_in *src, rc_rtp_t *p, int64_t now)
 {
     rc_leg_io_t *me = &s->io[L];
     if (trunc || rc_parse_rtp(buf, len, p) < 0) {
@@ -566,7 +569,19 @@ int rc_rtp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int tru
     if (!me->latched) {
         me->remote = *src;
         me->has_remote = me->latched = 1;
+    } else if (src->sin_addr.s_addr != me->remote.sin_addr.s_addr || src->sin_port != me->remote.sin_port) {
+        if (!s->strict)
+            return 1;                  /* recorded and relayed, the remote stays */
+        if (now - me->src_last < RELATCH_NS) {
+            /* RTP injection: another source while the latched one is live */
+            me->foreign++;
+            return 0;
+        }
+        /* the latched source fell silent: NAT rebinding, or the phone moved to another port */
+        me->remote = *src;
+        me->relatches++;
     }
+    me->src_last = now;
     return 1;
 }
 
@@ -592,11 +607,20 @@ int rc_rtcp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int tr
         s->rec.leg[L].invalid++;
         return 0;
     }
-    me->rtcp_packets++;
     if (!me->rtcp_latched) {
         me->rtcp_remote = *src;
         me->has_rtcp_remote = me->rtcp_latched = 1;
+    } else if (s->strict && (src->sin_addr.s_addr != me->rtcp_remote.sin_addr.s_addr ||
+                             src->sin_port != me->rtcp_remote.sin_port)) {
+        /* RTCP is sparse (one report per ~5 s), so silence says nothing: it may move to another
+         * port of the host the RTP is latched to, never to another host */
+        if (!(me->latched && src->sin_addr.s_addr == me->remote.sin_addr.s_addr)) {
+            me->foreign++;
+            return 0;
+        }
+        me->rtcp_remote = *src;
     }
+    me->rtcp_packets++;
     return 1;
 }
 
@@ -626,7 +650,7 @@ static void handle_rtp(rc_thread_t *t, rc_sock_t *k)
     now = rc_mono_ns();
     for (int i = 0; i < n; i++) {
         t->valid[i] = rc_rtp_check(s, L, t->bufs[i], t->msgs[i].msg_len, t->msgs[i].msg_hdr.msg_flags & MSG_TRUNC,
-                                   &t->addrs[i], &t->parsed[i]);
+                                   &t->addrs[i], &t->parsed[i], now);
         if (t->valid[i] && to)
             add_out(t, nout++, i, to);
     }

@@ -20,7 +20,7 @@ typedef struct {
     int has_remote;
     char remote_ip[48];
     int remote_port;
-    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors;
+    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors, foreign, relatches;
     rc_leg_t rec;              /* a copy of the recorder's leg (its ring pointers cleared) */
 } rc_leg_stats_t;
 
@@ -39,6 +39,7 @@ typedef struct rc_cmd {
     int leg;
     const char *path;          /* OPEN: NULL = relay only */
     int channels, mode, reorder_ms;
+    int strict;                /* OPEN: strict source */
     double timeout_s;
     uint32_t ip;               /* SET_REMOTE: network order; 0 with port 0 = no remote */
     int port;

@@ -15,6 +15,7 @@
 #define TICK_PHASES 20                 /* ... and serves 1/20 of the sessions: each one every 20 ms */
 #define WBUF 16384                     /* per-session WAV write buffer */
 #define EVQ_MAX 65536
+#define RELATCH_NS 1000000000LL        /* strict source: a latched source silent this long may be replaced */
 #define HOT_MAX 1024                   /* sockets whose last read filled a batch: read again soon */
 
 typedef struct rc_session rc_session_t;
@@ -30,12 +31,14 @@ typedef struct {
     rc_sock_t rtp, rtcp;
     struct sockaddr_in remote, rtcp_remote;
     int has_remote, has_rtcp_remote, latched, rtcp_latched;
-    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors;
+    int64_t src_last;                  /* arrival of the last RTP packet accepted from the latched source */
+    uint64_t relayed, rtcp_packets, rtcp_relayed, send_errors, foreign, relatches;
 } rc_leg_io_t;
 
 struct rc_session {
     int64_t id;
     int mode, channels, recording;
+    int strict;                        /* strict source: after latching, other sources are dropped */
     rc_engine_t *eng;
     rc_rec_t rec;
     int fd, write_errno;
@@ -89,11 +92,12 @@ struct rc_engine {
 /* engine.c, for both loops */
 void rc_process_commands(rc_thread_t *t);
 void rc_tick(rc_thread_t *t, int64_t now, int64_t *next_tick);
-/* an RTP datagram on leg L: 1 if valid (counted, latched), with *p parsed; 0 if counted invalid */
+/* an RTP datagram on leg L arriving at now: 1 if valid (counted, latched), with *p parsed; 0 if
+ * counted invalid, or foreign (strict source: not from the latched source, which is still live) */
 int rc_rtp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int trunc,
-                 const struct sockaddr_in *src, rc_rtp_t *p);
+                 const struct sockaddr_in *src, rc_rtp_t *p, int64_t now);
 void rc_rtp_record(rc_session_t *s, int L, const rc_rtp_t *p, const struct sockaddr_in *src, int64_t now);
-/* an RTCP datagram on leg L: 1 if valid (counted, latched) */
+/* an RTCP datagram on leg L: 1 if valid (counted, latched); 0 if invalid or foreign */
 int rc_rtcp_check(rc_session_t *s, int L, const uint8_t *buf, size_t len, int trunc,
                   const struct sockaddr_in *src);
 /* where a datagram received on leg L goes, or NULL (record mode, no peer, no remote yet) */

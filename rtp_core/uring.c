@@ -271,7 +271,7 @@ static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
                 held = queue_send(u, k, (unsigned)bid, payload, len, to);
         } else {
             rc_rtp_t p;
-            if (rc_rtp_check(s, L, payload, len, trunc, src, &p)) {
+            if (rc_rtp_check(s, L, payload, len, trunc, src, &p, now)) {
                 if ((to = rc_relay_to(s, L, 0)))
                     held = queue_send(u, k, (unsigned)bid, payload, len, to);
                 rc_rtp_record(s, L, &p, src, now);

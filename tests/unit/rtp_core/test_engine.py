@@ -356,3 +356,74 @@ def test_icmp_errors_from_a_vanished_peer_do_not_stall_a_leg(engine: rtp_core.En
     st = engine.close_session(sid)
     assert st["legs"][0]["packets"] == 10
     assert st["legs"][1]["packets"] == 10  # the errors reported on leg 1's socket lost none of its input
+
+
+def test_strict_source_drops_foreign_rtp_and_relatches_after_silence(
+    engine: rtp_core.Engine, tmp_path: Path
+) -> None:
+    a, b, intruder, moved = phone(), phone(), phone(), phone()
+    sid = engine.open_session(output_path=str(tmp_path / "s.wav"))
+    pa, pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 0, *a.getsockname())
+    engine.set_remote(sid, 1, *b.getsockname())
+    pkts = [d for _, d in stream(440, 40, ssrc=0xA)]
+    evil = [d for _, d in stream(1000, 40, ssrc=0xE, seq0=5000)]
+    for i in range(10):  # a latches leg 0; an intruder injects between its packets
+        a.sendto(pkts[i], ("127.0.0.1", pa))
+        intruder.sendto(evil[i], ("127.0.0.1", pa))
+        time.sleep(0.002)
+    time.sleep(0.05)
+    assert drain(b) == pkts[:10]  # only a's packets were relayed
+    st = engine.session_stats(sid)["legs"][0]
+    assert st["foreign"] == 10 and st["packets"] == 10 and st["remote"] == a.getsockname()
+    # RTCP latches on its own; from another host it is foreign (127.0.0.2 is another loopback
+    # address); another port of the RTP source's host is taken (RTCP is too sparse to judge silence)
+    far = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    _open.append(far)
+    far.bind(("127.0.0.2", 0))
+    sr = bytes([0x80, 200, 0, 1]) + b"\x00" * 4
+    a.sendto(sr, ("127.0.0.1", pa + 1))
+    far.sendto(sr, ("127.0.0.1", pa + 1))
+    intruder.sendto(sr, ("127.0.0.1", pa + 1))
+    time.sleep(0.05)
+    # the phone moves to another port (NAT rebinding): accepted once a has been silent for 1 s
+    moved.sendto(pkts[10], ("127.0.0.1", pa))
+    time.sleep(1.05)
+    for i in range(11, 20):
+        moved.sendto(pkts[i], ("127.0.0.1", pa))
+        time.sleep(0.002)
+    time.sleep(0.05)
+    a.sendto(pkts[20], ("127.0.0.1", pa))  # the old source is now the foreign one
+    time.sleep(0.05)
+    assert drain(b) == pkts[11:20]
+    # and a re-INVITE (set_remote) re-arms latching at once: the next packet's source is taken
+    engine.set_remote(sid, 0, *a.getsockname())
+    for i in range(21, 25):
+        a.sendto(pkts[i], ("127.0.0.1", pa))
+        time.sleep(0.002)
+    time.sleep(0.05)
+    assert drain(b) == pkts[21:25]
+    st = engine.close_session(sid)["legs"][0]
+    # foreign: 10 injected, 1 RTCP, pkts[10] (a still live), pkts[20] (moved still live)
+    assert st["foreign"] == 13 and st["relatches"] == 1
+    assert st["packets"] == 10 + 9 + 4 and st["rtcp_packets"] == 2
+    assert st["remote"] == a.getsockname()
+    with wave.open(str(tmp_path / "s.wav")) as w:
+        left = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")[0::2].astype(float)
+    assert abs(dominant_hz(left[left != 0]) - 440) < 20  # no 1 kHz injected into the recording
+
+
+def test_strict_source_off_keeps_the_permissive_latching(engine: rtp_core.Engine) -> None:
+    a, b, other = phone(), phone(), phone()
+    sid = engine.open_session(output_path=None, strict_source=False)
+    pa, _pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 1, *b.getsockname())
+    pkts = [d for _, d in stream(440, 4)]
+    a.sendto(pkts[0], ("127.0.0.1", pa))
+    time.sleep(0.02)
+    for d in pkts[1:]:
+        other.sendto(d, ("127.0.0.1", pa))
+    time.sleep(0.05)
+    assert drain(b) == pkts
+    st = engine.close_session(sid)["legs"][0]
+    assert st["foreign"] == 0 and st["packets"] == 4 and st["remote"] == a.getsockname()
