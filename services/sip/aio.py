@@ -22,6 +22,7 @@ import asyncio
 import inspect
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -393,6 +394,24 @@ class _TcpConnection(asyncio.Protocol):
             self._arm(deadline if begun is None else min(deadline, begun + endpoint.partial_timeout))
 
 
+#: Receive buffer asked for on the UDP socket. The kernel's default (about 208 KiB) overflows within
+#: a fraction of a second when the event loop lags under a burst of calls; the kernel caps the value
+#: at net.core.rmem_max.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_receive_buffer(sock: Any, name: str) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    except OSError as exc:
+        log.warning("%s: cannot enlarge the UDP receive buffer: %s", name, exc)
+        return
+    log.debug("%s: UDP receive buffer %d bytes", name, got)
+
+
 class SipEndpoint:
     """A SIP endpoint on one address: UDP and TCP on the same port, one TransactionLayer.
 
@@ -471,6 +490,7 @@ class SipEndpoint:
                         lambda: _UdpProtocol(self), local_addr=(self.host, port)
                     )
                     port = udp.get_extra_info("sockname")[1]
+                    _grow_receive_buffer(udp.get_extra_info("socket"), self.name)
                 if self.tcp:
                     self._server = await loop.create_server(
                         lambda: _TcpConnection(self), self.host, port, reuse_address=True

@@ -601,3 +601,19 @@ def test_error_response_for_echoes_identifiers() -> None:
     assert error_response_for(b"ACK sip:x@y SIP/2.0\r\n\r\n", 400, "x") is None  # never answer ACK
     assert error_response_for(b"SIP/2.0 200 OK\r\n\r\n", 400, "x") is None  # nor a response
     assert error_response_for(b"\xff\xfe garbage", 400, "x") is None
+
+
+async def test_udp_receive_buffer_is_enlarged() -> None:
+    # A burst of calls while the event loop lags must not overflow the kernel's default buffer.
+    import socket
+
+    ep = SipEndpoint(host="127.0.0.1", port=0, tcp=False, name="buf")
+    await ep.start()
+    try:
+        sock = ep._udp.get_extra_info("socket")  # type: ignore[union-attr]
+        with open("/proc/sys/net/core/rmem_max") as f:
+            cap = int(f.read())
+        # Linux reports twice the value it accepted (bookkeeping overhead), capped at rmem_max
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= min(2 * cap, 2 * 4 * 1024 * 1024) // 2
+    finally:
+        await ep.close()
