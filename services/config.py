@@ -276,6 +276,47 @@ class RecordingProcessorConfig:
 
 
 @dataclass
+class CryptoServerConfig:
+    """The Crypto Server: tenants' private keys; unwraps recordings' data keys for Web Services.
+
+    Several instances run active/active over one keystore directory; each binds ``host:port`` (the
+    lab starts one per entry of ``urls`` with ``--set crypto_server.port=...``). Web Services asks
+    the instances of ``urls`` in turn (services/web_services/crypto_client.py).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    #: One directory per tenant, one PEM (private key + certificate) per key id, mode 0700/0600.
+    keystore_dir: str = "var/keystore"
+    #: Bearer token of ``POST /api/v1/unwrap`` (what Web Services presents); empty = unwrap disabled.
+    internal_token: str = ""
+    #: Bearer token of key management (``/api/v1/tenants/{t}/certificates``); empty = disabled.
+    admin_token: str = ""
+    #: Base URLs of the instances, tried in turn by Web Services; empty = ``http://host:port``.
+    urls: list[str] = field(default_factory=list)
+    #: Web Services: seconds to wait for one instance before trying the next.
+    request_timeout: float = 3.0
+    #: Web Services: seconds an unwrapped data key stays in memory for the recording's next range
+    #: requests (a player seeks with many); 0 = ask the Crypto Server every time.
+    key_cache_seconds: float = 60.0
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"{where}.port {self.port} is out of range")
+        for i, url in enumerate(self.urls):
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                raise ConfigError(f"{where}.urls[{i}] must be http(s)://host:port, not {url!r}")
+        if self.request_timeout <= 0:
+            raise ConfigError(f"{where}.request_timeout must be positive")
+        if self.key_cache_seconds < 0:
+            raise ConfigError(f"{where}.key_cache_seconds must not be negative")
+
+    def instance_urls(self) -> list[str]:
+        """The base URLs Web Services tries, in order."""
+        return [u.rstrip("/") for u in self.urls] or [f"http://{self.host}:{self.port}"]
+
+
+@dataclass
 class ClusterConfig:
     """The whole cluster: every daemon's section plus the tenants."""
 
@@ -285,12 +326,14 @@ class ClusterConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     web_services: WebServicesConfig = field(default_factory=WebServicesConfig)
     recording_processor: RecordingProcessorConfig = field(default_factory=RecordingProcessorConfig)
+    crypto_server: CryptoServerConfig = field(default_factory=CryptoServerConfig)
     tenants: list[Tenant] = field(default_factory=list)
     base_dir: str = "."
 
     def validate(self) -> None:
         self.resource_manager.validate("resource_manager")
         self.storage.validate("storage")
+        self.crypto_server.validate("crypto_server")
         names: set[str] = set()
         for i, mcp in enumerate(self.mcp):
             mcp.validate(f"mcp[{i}]")
@@ -458,7 +501,7 @@ def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-_SECTIONS = ("sip_server", "resource_manager", "storage", "web_services", "recording_processor")
+_SECTIONS = ("sip_server", "resource_manager", "storage", "web_services", "recording_processor", "crypto_server")
 
 
 def from_dict(
