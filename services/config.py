@@ -86,6 +86,31 @@ class IvrProfile:
 
 
 @dataclass
+class RetentionRule:
+    """A tenant's retention rule: recordings older than ``max_age_days`` are purged (audio and metadata).
+
+    ``labels``: the rule applies only to recordings carrying at least one of them (empty: to all);
+    ``exempt_labels``: recordings carrying any of them are kept by this rule. A recording is purged
+    when any of its tenant's rules says so.
+    """
+
+    max_age_days: int
+    labels: list[str] = field(default_factory=list)
+    exempt_labels: list[str] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if self.max_age_days < 1:
+            raise ConfigError(f"{where}.max_age_days must be at least 1, not {self.max_age_days!r}")
+        for name in ("labels", "exempt_labels"):
+            for i, label in enumerate(getattr(self, name)):
+                if not label:
+                    raise ConfigError(f"{where}.{name}[{i}] must not be empty")
+        both = set(self.labels) & set(self.exempt_labels)
+        if both:
+            raise ConfigError(f"{where}: label {sorted(both)[0]!r} is in both labels and exempt_labels")
+
+
+@dataclass
 class User:
     """A SIP user (extension) of a tenant."""
 
@@ -111,8 +136,11 @@ class Tenant:
     users: list[User] = field(default_factory=list)
     policy: RecordingPolicy = field(default_factory=RecordingPolicy)
     profile: IvrProfile = field(default_factory=IvrProfile)
+    retention: list[RetentionRule] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
+        for i, rule in enumerate(self.retention):
+            rule.validate(f"{where}.retention[{i}]")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,62}", self.id):
             raise ConfigError(f"{where}.id {self.id!r} must be lower-case letters, digits, '-' or '_'")
         if len(self.api_key) < 16:
@@ -260,6 +288,55 @@ class WebServicesConfig:
     # HMAC key of signed playback URLs; shared by all instances (derived from internal_token if empty)
     url_signing_key: str = ""
     signed_url_ttl: float = 300.0
+    #: Metadata store: "sqlite" (the file ``database``) or "cassandra" (the cassandra_* settings).
+    backend: str = "sqlite"
+    #: host or host:port (9042 by default); from the environment as a comma-separated list.
+    cassandra_contact_points: list[str] = field(default_factory=list)
+    cassandra_keyspace: str = "callvault"
+    #: consistency of reads and writes; lightweight transactions use cassandra_serial_consistency
+    cassandra_consistency: str = "LOCAL_QUORUM"
+    cassandra_serial_consistency: str = "LOCAL_SERIAL"
+    #: keyspace replication: "SimpleStrategy:3" or "NetworkTopologyStrategy:dc1=3,dc2=3"
+    cassandra_replication: str = "SimpleStrategy:3"
+    #: the local data centre of DCAwareRoundRobinPolicy (empty: the driver picks the first it sees)
+    cassandra_local_dc: str = ""
+    #: seconds between retention runs (tenants' ``retention`` rules; one instance at a time); 0 = off
+    retention_interval: float = 3600.0
+
+    def validate(self, where: str) -> None:
+        if self.backend not in ("sqlite", "cassandra"):
+            raise ConfigError(f"{where}.backend must be 'sqlite' or 'cassandra', not {self.backend!r}")
+        if self.retention_interval < 0:
+            raise ConfigError(f"{where}.retention_interval must not be negative")
+        if self.backend != "cassandra":
+            return
+        from services.web_services import store_cassandra as sc
+
+        if not self.cassandra_contact_points:
+            raise ConfigError(f"{where}.cassandra_contact_points must not be empty when backend is 'cassandra'")
+        checks: list[tuple[str, Any]] = [
+            ("cassandra_keyspace", lambda: sc.check_keyspace(self.cassandra_keyspace)),
+            ("cassandra_replication", lambda: sc.parse_replication(self.cassandra_replication)),
+        ]
+        checks += [
+            (f"cassandra_contact_points[{i}]", lambda c=c: sc.parse_contact_point(c))
+            for i, c in enumerate(self.cassandra_contact_points)
+        ]
+        for name, check in checks:
+            try:
+                check()
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{name}: {exc}") from None
+        if self.cassandra_consistency not in sc.CONSISTENCY_LEVELS:
+            raise ConfigError(
+                f"{where}.cassandra_consistency must be one of {', '.join(sc.CONSISTENCY_LEVELS)},"
+                f" not {self.cassandra_consistency!r}"
+            )
+        if self.cassandra_serial_consistency not in sc.SERIAL_CONSISTENCY_LEVELS:
+            raise ConfigError(
+                f"{where}.cassandra_serial_consistency must be SERIAL or LOCAL_SERIAL,"
+                f" not {self.cassandra_serial_consistency!r}"
+            )
 
 
 @dataclass
@@ -332,6 +409,7 @@ class ClusterConfig:
 
     def validate(self) -> None:
         self.resource_manager.validate("resource_manager")
+        self.web_services.validate("web_services")
         self.storage.validate("storage")
         self.crypto_server.validate("crypto_server")
         names: set[str] = set()
@@ -441,6 +519,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return _convert(value, args[0], where)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]  # from the environment / --set
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list")
         return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]

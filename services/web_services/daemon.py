@@ -1,4 +1,5 @@
-"""The Web Services daemon: the REST API of app.py on ``web_services.host:port`` over SQLite.
+"""The Web Services daemon: the REST API of app.py on ``web_services.host:port`` over the metadata
+store of ``web_services.backend`` (SQLite or Cassandra), plus the periodic retention job.
 
 Shutdown (cancellation): stop accepting, let in-flight requests finish for up to SHUTDOWN_TIMEOUT
 seconds, then close the store.
@@ -8,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
 
 from services.config import ClusterConfig
+from services.storage.disk import DiskWriter
 from services.web_services.app import create_app
-from services.web_services.store import SqliteMetadataStore
+from services.web_services.retention import RetentionJob, disk_audio_deleter
+from services.web_services.store import SqliteMetadataStore, create_store
 
 log = logging.getLogger("callvault.web_services")
 
@@ -28,9 +32,10 @@ async def run(
     ws = config.web_services
     if not ws.internal_token:
         log.warning("web_services.internal_token is empty: Recording Processors cannot post recordings")
-    store = SqliteMetadataStore(config.path(ws.database))
+    store = create_store(config)
     await store.open()
     runner: web.AppRunner | None = None
+    retention: asyncio.Task[None] | None = None
     try:
         app = create_app(config, store)
         runner = web.AppRunner(
@@ -41,11 +46,24 @@ async def run(
         await runner.setup()
         site = web.TCPSite(runner, ws.host, ws.port, reuse_address=True)
         await site.start()
-        log.info("Web Services on http://%s:%d (store %s)", ws.host, ws.port, store.path)
+        where = store.path if isinstance(store, SqliteMetadataStore) else f"cassandra {ws.cassandra_keyspace}"
+        log.info("Web Services on http://%s:%d (store %s)", ws.host, ws.port, where)
+        if ws.retention_interval > 0 and any(t.retention for t in config.tenants):
+            job = RetentionJob(
+                config,
+                store,
+                disk_audio_deleter(DiskWriter(config.path(config.storage.disk_root))),
+                holder=f"{ws.host}:{ws.port}:{os.getpid()}",
+                lease_ttl=max(60.0, ws.retention_interval),
+            )
+            retention = asyncio.create_task(job.run_forever(ws.retention_interval))
         if ready is not None:
             ready()
         await asyncio.Event().wait()
     finally:
+        if retention is not None:
+            retention.cancel()
+            await asyncio.gather(retention, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         await store.close()

@@ -29,6 +29,7 @@ import contextlib
 import enum
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -127,6 +128,26 @@ class MetadataStore(abc.ABC):
     async def ping(self) -> None:
         """Raise if the store cannot serve requests (health check)."""
 
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds; False while another holder has it.
+
+        Lets one of several Web Services instances run a periodic job (retention) at a time: a
+        holder that dies loses the lease when it expires.
+        """
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up (only if ``holder`` still holds it)."""
+
+    @abc.abstractmethod
+    async def add_audit(self, tenant: str, entry: dict[str, Any]) -> None:
+        """Append an audit record (JSON object) to ``tenant``'s audit trail."""
+
+    @abc.abstractmethod
+    async def audit_entries(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        """``tenant``'s audit records, newest first."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS recordings (
@@ -150,7 +171,18 @@ CREATE TABLE IF NOT EXISTS tombstones (
     tenant      TEXT NOT NULL,
     deleted     TEXT NOT NULL
 );
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    expires     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant      TEXT NOT NULL,
+    entry       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, seq);
+PRAGMA user_version = 2;
 """
 
 
@@ -327,3 +359,55 @@ class SqliteMetadataStore(MetadataStore):
 
     async def ping(self) -> None:
         await self._call(lambda: self.conn.execute("SELECT 1").fetchone())
+
+    # -------------------------------------------------------------------------------- leases, audit
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> bool:
+        return await self._call(self._acquire_sync, name, holder, ttl)
+
+    def _acquire_sync(self, name: str, holder: str, ttl: float) -> bool:
+        conn = self.conn
+        now = time.time()
+        with _transaction(conn):
+            row = conn.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?,?,?)",
+                (name, holder, now + ttl),
+            )
+            return True
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        def _release() -> None:
+            with _transaction(self.conn):
+                self.conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+        await self._call(_release)
+
+    async def add_audit(self, tenant: str, entry: dict[str, Any]) -> None:
+        def _add() -> None:
+            with _transaction(self.conn):
+                self.conn.execute(
+                    "INSERT INTO audit (tenant, entry) VALUES (?, ?)", (tenant, canonical(entry))
+                )
+
+        await self._call(_add)
+
+    async def audit_entries(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        def _list() -> list[dict[str, Any]]:
+            rows = self.conn.execute(
+                "SELECT entry FROM audit WHERE tenant = ? ORDER BY seq DESC LIMIT ?", (tenant, limit)
+            ).fetchall()
+            return [dict(json.loads(r[0])) for r in rows]
+
+        return await self._call(_list)
+
+
+def create_store(config: Any) -> MetadataStore:
+    """The metadata store a ClusterConfig's ``web_services.backend`` names (not opened yet)."""
+    ws = config.web_services
+    if ws.backend == "cassandra":
+        from services.web_services.store_cassandra import from_config
+
+        return from_config(ws)
+    return SqliteMetadataStore(config.path(ws.database))
