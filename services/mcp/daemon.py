@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -79,13 +80,38 @@ async def run(
             "MCP %s on %s:%d (udp+tcp), RTP %s:%d-%d, spool %s",
             mcp.name, endpoint.host, endpoint.port, mcp.rtp_ip, mcp.rtp_port_min, mcp.rtp_port_max, spool,
         )  # fmt: skip
+        _drain_signals(loop, server, mcp.name)
         if ready is not None:
             ready()
         await asyncio.Event().wait()
     finally:
+        for signum in DRAIN_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
         log.info("MCP %s stopping", mcp.name)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(_shutdown(server, endpoint, engine, mcp, reader=reader, started=started))
+
+
+#: SIGUSR1 takes the MCP out of service (graceful drain), SIGUSR2 puts it back (docs/HA.md).
+DRAIN_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _drain_signals(loop: asyncio.AbstractEventLoop, server: McpServer, name: str) -> None:
+    """Drain: OPTIONS and new INVITEs get 503 + Retry-After (the RM marks the MCP draining and
+    sends it nothing new); the sessions it has go on until they end, without a deadline."""
+
+    def drain(on: bool) -> None:
+        if server.accepting == (not on):
+            return
+        server.accepting = not on
+        if on:
+            log.warning("MCP %s draining: no new sessions, %d session(s) go on", name, server.load)
+        else:
+            log.warning("MCP %s back in service", name)
+
+    loop.add_signal_handler(signal.SIGUSR1, drain, True)
+    loop.add_signal_handler(signal.SIGUSR2, drain, False)
 
 
 async def _shutdown(

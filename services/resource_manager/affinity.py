@@ -32,6 +32,9 @@ class DialogRef:
     mcp: str
     to_tag: str = ""
     confirmed: bool = False  # a 2xx was relayed
+    #: The UAC's (SIP Server's) Contact URI and transport: where the RM sends the BYE that ends
+    #: this dialog when its MCP dies (issue 5, MCP failure).
+    contact: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class DialogRef:
             "to_tag": self.to_tag,
             "mcp": self.mcp,
             "confirmed": self.confirmed,
+            "contact": self.contact,
         }
 
     @classmethod
@@ -50,6 +54,7 @@ class DialogRef:
             mcp=str(d["mcp"]),
             to_tag=str(d.get("to_tag", "")),
             confirmed=bool(d.get("confirmed", False)),
+            contact=str(d.get("contact", "")),
         )
 
 

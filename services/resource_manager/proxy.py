@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -124,6 +125,60 @@ def is_refusal(response: Response) -> bool:
     return response.status == 503 and ("Retry-After" in response.headers or xcv.LOAD in response.headers)
 
 
+def uac_contact(request: Request, transport: str) -> str:
+    """The Contact URI of a new dialog's UAC (the SIP Server), kept to reach it without the MCP."""
+    with contextlib.suppress(SipError, IndexError):
+        uri = request.contacts[0].uri.copy()
+        if transport == "tcp" and "transport" not in uri.params:
+            uri.params["transport"] = "tcp"
+        return str(uri)
+    return ""
+
+
+#: RFC 3326 Reason of the BYE that ends a recording dialog whose MCP died.
+MCP_DOWN_REASON = 'SIP;cause=503;text="MCP down"'
+
+
+def mcp_down_bye(dialog: DialogRef, me: LocalAddress, cseq: int) -> tuple[Request, tuple[str, int, str]]:
+    """The BYE the RM sends on behalf of a dead MCP (it plays the MCP's side of the dialog: From
+    carries the MCP's tag, To the SIP Server's), and where it goes (the SIP Server's Contact)."""
+    if not dialog.contact or not dialog.to_tag:
+        raise ValueError(f"dialog {dialog.call_id} is not established (no Contact or To tag)")
+    target = SipUri.parse(dialog.contact)
+    host = f"[{me.host}]" if ":" in me.host else me.host
+    request = Request(
+        "BYE",
+        target,
+        [
+            ("From", f"<sip:record@{host}:{me.port}>;tag={dialog.to_tag}"),
+            ("To", f"<{target}>;tag={dialog.from_tag}"),
+            ("Call-ID", dialog.call_id),
+            ("CSeq", f"{cseq} BYE"),
+            ("Max-Forwards", "70"),
+            ("Reason", MCP_DOWN_REASON),
+        ],
+    )
+    return request, destination(target)
+
+
+def mcp_side_bye(dialog: DialogRef, node: McpNode, cseq: int) -> Request:
+    """The BYE that ends a dialog at an MCP declared down (in case it is only slow): the SIP
+    Server's side of the dialog, sent straight to the MCP."""
+    target = SipUri.parse(node.uri)
+    return Request(
+        "BYE",
+        target,
+        [
+            ("From", f"<sip:sip-server@{target.host}>;tag={dialog.from_tag}"),
+            ("To", f"<{target}>;tag={dialog.to_tag}"),
+            ("Call-ID", dialog.call_id),
+            ("CSeq", f"{cseq} BYE"),
+            ("Max-Forwards", "70"),
+            ("Reason", MCP_DOWN_REASON),
+        ],
+    )
+
+
 @dataclass
 class LocalAddress:
     """The addresses under which requests are meant for this RM itself."""
@@ -206,6 +261,8 @@ class Proxy:
         )
         self.accepting = True
         self.on_mcp_down: Callable[[str, list[AffinityEntry]], None] = self._report_down
+        # CSeq of the BYEs the RM sends for the MCPs it lost: above any the MCP itself used.
+        self._cseq = itertools.count(1_000_000)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- entry points (wired to the endpoint) ---------------------------------------------------
@@ -299,6 +356,7 @@ class Proxy:
         session_id = (request.headers.get(xcv.SESSION) or "").strip() or request.call_id
         call_id = request.call_id
         from_tag = request.from_.tag or ""
+        contact = uac_contact(request, incoming.transport)
         entry = self.store.get(session_id)
         prefer = entry.mcp if entry is not None else None
         tried: set[str] = set()
@@ -324,7 +382,8 @@ class Proxy:
                 log.info(
                     "session %s: affinity MCP %s unavailable, moving to %s", session_id, prefer, node.name
                 )
-            self.store.place(session_id, DialogRef(call_id, from_tag, node.name), tenant=tenant.id, now=now)
+            ref = DialogRef(call_id, from_tag, node.name, contact=contact)
+            self.store.place(session_id, ref, tenant=tenant.id, now=now)
             self.pool.placed(node.name, now)
             log.info(
                 "session %s part %s (tenant %s, call %s) -> MCP %s",
@@ -465,6 +524,12 @@ class Proxy:
             finally:
                 cancelled.cancel()
         response = await final
+        mcp = self.pool.by_address(host, port)
+        if mcp is not None and (
+            response.status == 408 or (response.status == 503 and not is_refusal(response))
+        ):
+            # An in-dialog request the MCP did not answer (or could not be sent): a missed probe.
+            self._note(self.pool.probe_failed(mcp.name, self.clock(), f"{request.method} {response.status}"))
         if request.method == "BYE" and (200 <= response.status < 300 or response.status in (404, 408, 481)):
             # The dialog is over (481/408: it is gone or its MCP is; keep no stale affinity).
             entry = self.store.end(call_id, self.clock())
@@ -489,16 +554,52 @@ class Proxy:
         """Act on a health transition observed by the prober."""
         self._note(transition)
 
-    @staticmethod
-    def _report_down(mcp: str, sessions: list[AffinityEntry]) -> None:
-        # Issue 5: the RM will tell the SIP Server, which re-joins the parties and re-records.
-        if sessions:
-            log.warning(
-                "MCP %s is down with %d recording session(s): %s",
-                mcp, len(sessions), ", ".join(e.session_id for e in sessions),
-            )  # fmt: skip
-        else:
+    def _report_down(self, mcp: str, sessions: list[AffinityEntry]) -> None:
+        """Tell the SIP Server: BYE (Reason 503 "MCP down") on every dialog the dead MCP held, so
+        that it re-joins the parties and records the call again as a new part (docs/HA.md)."""
+        if not sessions:
             log.warning("MCP %s is down (no sessions on it)", mcp)
+            return
+        log.warning(
+            "MCP %s is down with %d recording session(s): %s",
+            mcp, len(sessions), ", ".join(e.session_id for e in sessions),
+        )  # fmt: skip
+        for entry in sessions:
+            for dialog in entry.dialogs:
+                if dialog.mcp != mcp:
+                    continue
+                # The dialog is gone with its MCP: no stale affinity (a new part goes elsewhere).
+                self.store.end(dialog.call_id, self.clock())
+                if dialog.confirmed and dialog.contact:
+                    self._spawn(self._bye_upstream(entry.session_id, dialog))
+                if dialog.confirmed and dialog.mcp in self.pool.nodes:
+                    # Should the MCP only be slow, not dead, it must not record on (orphan part).
+                    self._spawn(self._bye_downstream(entry.session_id, dialog, self.pool.node(dialog.mcp)))
+
+    async def _bye_downstream(self, session_id: str, dialog: DialogRef, node: McpNode) -> None:
+        bye = mcp_side_bye(dialog, node, next(self._cseq))
+        try:
+            response = await asyncio.wait_for(self.endpoint.request(bye, node.address, "udp"), 5.0)
+        except (TimeoutError, SipError, OSError):
+            return  # dead indeed
+        log.info("session %s: MCP %s answered the BYE of dialog %s: %d (it was alive)",
+                 session_id, node.name, dialog.call_id, response.status)  # fmt: skip
+
+    async def _bye_upstream(self, session_id: str, dialog: DialogRef) -> None:
+        try:
+            bye, dest = mcp_down_bye(dialog, self.me, next(self._cseq))
+        except (SipError, ValueError) as exc:
+            log.error("session %s: cannot build the BYE for dialog %s: %s", session_id, dialog.call_id, exc)
+            return
+        try:
+            response = await self.endpoint.request(bye, dest[:2], dest[2])
+        except (SipError, OSError) as exc:
+            log.warning("session %s: BYE for dialog %s failed: %s", session_id, dialog.call_id, exc)
+            return
+        log.info(
+            "session %s: dialog %s ended towards the SIP Server (MCP %s down): %d",
+            session_id, dialog.call_id, dialog.mcp, response.status,
+        )  # fmt: skip
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -764,7 +765,7 @@ class B2BUA:
         leg = state.leg(name)
         leg.confirmed = False
         if name == "rec":
-            await self._on_recording_ended(call)
+            await self._on_recording_ended(call, inc.request)
             return
         if state.phase in (CallPhase.SETUP, CallPhase.EARLY) and name == "b":
             call.abort_status = (480, "Temporarily Unavailable (callee hung up)")
@@ -773,18 +774,27 @@ class B2BUA:
         log.info("call %s: BYE from %s", state.id[:8], "caller" if name == "a" else "callee")
         await self.end_call(call, f"BYE from {'caller' if name == 'a' else 'callee'}", skip=[name])
 
-    async def _on_recording_ended(self, call: Call) -> None:
+    async def _on_recording_ended(self, call: Call, bye: Request | None = None) -> None:
         """The MCP (or RM) ended the recording dialog: re-join A and B directly so the call
-        survives (issue 5: the media no longer flows through a bridge that is gone)."""
+        survives (issue 5: the media no longer flows through a bridge that is gone). When the RM
+        ended it because the MCP died (Reason cause 503), record the call again as a new part."""
         state = call.state
-        log.warning("call %s: the recording bridge ended the session", state.id[:8])
+        rerecord = bye is not None and mcp_lost(bye)
+        log.warning(
+            "call %s: the recording bridge ended the session%s",
+            state.id[:8],
+            " (MCP down: re-joining, then recording a new part)" if rerecord else "",
+        )
+        if state.rec is not None and state.rec.dialog is not None:
+            # A second BYE for the same bridge (both RMs report a dead MCP) finds no call.
+            self._dialogs.pop((state.rec.dialog.call_id, state.rec.dialog.local_tag), None)
         was_recording = state.recording
         state.recording = False
         if not was_recording or state.phase in (CallPhase.ENDING, CallPhase.ENDED):
             return
-        self._spawn(self._rejoin(call), f"rejoin-{state.id[:8]}")
+        self._spawn(self._rejoin(call, rerecord=rerecord), f"rejoin-{state.id[:8]}")
 
-    async def _rejoin(self, call: Call) -> None:
+    async def _rejoin(self, call: Call, *, rerecord: bool = False) -> None:
         state = call.state
         if state.phase != CallPhase.CONFIRMED:
             # still being set up (the ACK of A may be on its way): re-join once it is established
@@ -819,8 +829,76 @@ class B2BUA:
                 await self.end_call(call, "re-join failed")
                 return
             state.a.local_sdp, state.a.remote_sdp = a_offer, resp.body
-            log.info("call %s: parties re-joined directly (unrecorded from now on)", state.id[:8])
+            log.info(
+                "call %s: parties re-joined directly (%s)",
+                state.id[:8],
+                "recording again next" if rerecord else "unrecorded from now on",
+            )
             self._changed(call)
+            if rerecord and state.phase == CallPhase.CONFIRMED:
+                await self._rerecord(call)
+
+    async def _rerecord(self, call: Call) -> None:
+        """Record a re-joined call again after its MCP died (issue 5): a new bridge INVITE with the
+        same X-CV-Session and X-CV-Call and X-CV-Part + 1 (the RM places it on a healthy MCP), then
+        both phones re-INVITEd onto the new MCP's ports. Called with the call's lock held. Any
+        failure leaves the call re-joined and unrecorded, with an error logged."""
+        state = call.state
+        try:
+            a_sdp = SessionDescription.parse(state.a.remote_sdp)
+        except SdpParseError as exc:
+            log.error("call %s: cannot record again (A's SDP: %s)", state.id[:8], exc)
+            return
+        state.part += 1
+        try:
+            await self._open_recording(call, a_sdp)
+        except Exception:
+            log.exception("call %s: opening recording part %d failed", state.id[:8], state.part)
+            state.recording = False
+        rec = state.rec
+        if not state.recording or rec is None:
+            log.error(
+                "call %s: recording part %d not started; the call goes on unrecorded",
+                state.id[:8],
+                state.part,
+            )
+            return
+        try:
+            b_offer = media.anchor(a_sdp, *state.mcp["callee"], state.b.owner).to_bytes()
+        except (MediaError, ValueError) as exc:
+            log.error("call %s: cannot anchor B on the new MCP: %s", state.id[:8], exc)
+            await self._drop_recording(call, rec, "anchor failed")
+            return
+        resp = await self._reinvite(call, state.b, b_offer)
+        if resp is None or resp.status >= 300:
+            log.error("call %s: B refused the move to the new MCP; unrecorded", state.id[:8])
+            await self._drop_recording(call, rec, "callee refused")
+            return
+        state.b.local_sdp, state.b.remote_sdp = b_offer, resp.body
+        try:
+            b_sdp = SessionDescription.parse(resp.body)
+            a_offer = media.anchor(b_sdp, *state.mcp["caller"], state.a.owner).to_bytes()
+        except (SdpParseError, MediaError, ValueError) as exc:
+            log.error("call %s: unusable answer from B for the new MCP: %s", state.id[:8], exc)
+            await self._drop_recording(call, rec, "callee SDP")
+            return
+        await self._update_bridge(call, a_sdp, b_sdp)
+        resp = await self._reinvite(call, state.a, a_offer)
+        if resp is None or resp.status >= 300:
+            log.error("call %s: A refused the move to the new MCP; its recording stops", state.id[:8])
+            await self._drop_recording(call, rec, "caller refused")
+            return
+        state.a.local_sdp, state.a.remote_sdp = a_offer, resp.body
+        log.info(
+            "call %s: recording session %s part %d on MCP caller %s:%d callee %s:%d",
+            state.id[:8], state.session_id, state.part, *state.mcp["caller"], *state.mcp["callee"],
+        )  # fmt: skip
+        self._changed(call)
+
+    async def _drop_recording(self, call: Call, rec: Leg, reason: str) -> None:
+        call.state.recording = False
+        await self._bye(call, rec, reason)
+        self._changed(call)
 
     async def _on_rec_offer(self, call: Call, inc: Any) -> None:
         """A re-INVITE/UPDATE from the bridge side: answer with what we last offered it."""
@@ -1083,6 +1161,15 @@ class B2BUA:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def mcp_lost(bye: Request) -> bool:
+    """A bridge BYE that the RM sent because the MCP died (RFC 3326 Reason, cause 503)."""
+    for value in bye.headers.get_all("Reason"):
+        proto, _, params = value.partition(";")
+        if proto.strip().upper() == "SIP" and re.search(r"(?:^|;)\s*cause\s*=\s*503\b", params, re.I):
+            return True
+    return False
 
 
 def _allow(message: Request | Response) -> set[str]:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import signal
 import time
 from collections.abc import Callable
 
@@ -148,9 +149,22 @@ async def run(
     """Serve the SIP Server until cancelled, then shut down gracefully."""
     server = SipServer(config)
     await server.start()
+    loop = asyncio.get_running_loop()
+
+    def drain(on: bool) -> None:
+        # SIGUSR1: out of service for maintenance (new INVITEs 503, calls go on without a
+        # deadline); SIGUSR2: back in service (docs/HA.md, graceful drain).
+        server.b2bua.accepting = not on
+        log.warning("SIP Server %s", "draining: new calls get 503" if on else "back in service")
+
+    loop.add_signal_handler(signal.SIGUSR1, drain, True)
+    loop.add_signal_handler(signal.SIGUSR2, drain, False)
     if ready is not None:
         ready()
     try:
         await asyncio.Event().wait()
     finally:
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
         await asyncio.shield(server.stop())

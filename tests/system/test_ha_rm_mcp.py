@@ -1,0 +1,157 @@
+"""Failure injection on the recording tier (issue 5): MCPs and RMs killed (SIGKILL) or drained
+under SIPp calls carrying RTP both ways, against a lab of its own (real processes on loopback).
+
+The figures these tests measure are written down in docs/HA.md with the command that reproduces
+them: ``make test PYTEST_ARGS="tests/system/test_ha_rm_mcp.py -s"`` prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.lab import Lab, LabPorts
+from tests.helpers.sipp import Sipp, start_registered_uas
+from tests.system.conftest import LabApi
+
+pytestmark = pytest.mark.system
+
+CALLER, CALLEE = "1001", "1002"
+#: Fast MCP failure detection for the lab: OPTIONS every 0.25 s, down after 3 misses (<= 1 s).
+FAST_PROBES = {"resource_manager.options_interval": 0.25, "resource_manager.failures_before_down": 3}
+
+
+@pytest.fixture(scope="module")
+def ha_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    the_lab = Lab(
+        tmp_path_factory.mktemp("ha-lab"), ports=LabPorts.free(), fresh=True, config_patch=FAST_PROBES
+    )
+    the_lab.start()
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+@pytest.fixture(scope="module")
+def ha_api(ha_lab: Lab) -> LabApi:
+    info = ha_lab.info()
+    return LabApi(info["api"]["base_url"], info["api"]["api_key"])
+
+
+def _sip(lab: Lab) -> str:
+    return f"{lab.config.sip_server.host}:{lab.config.sip_server.port}"
+
+
+def _passwords(lab: Lab) -> dict[str, str]:
+    return {u["extension"]: u["password"] for u in lab.info()["users"]}
+
+
+async def _callee(lab: Lab, workdir: Path) -> Sipp:
+    return await start_registered_uas(
+        "uas_echo.xml", _sip(lab), CALLEE, _passwords(lab)[CALLEE], workdir=workdir, rtp_echo=True,
+        trace_messages=False, limit=1000,
+    )  # fmt: skip
+
+
+def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int) -> Sipp:
+    """SIPp calls that answer the SIP Server's re-INVITEs and hang up ``hold_ms`` after the last."""
+    return Sipp(
+        "uac_pcap_reinvite_auth.xml",
+        workdir=workdir,
+        remote=_sip(lab),
+        service=CALLEE,
+        user=CALLER,
+        auth=(CALLER, _passwords(lab)[CALLER]),
+        rate=rate,
+        max_calls=calls,
+        limit=calls,
+        recv_timeout_ms=hold_ms,
+        trace_messages=False,
+    )
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+async def _recordings(
+    api: LabApi, pid: int, since: datetime, count: int, timeout: float
+) -> list[dict[str, Any]]:
+    """The recordings of one SIPp run (its Call-IDs are ``<n>-<pid>@<ip>``), at least ``count``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await asyncio.to_thread(api.search, party=CALLER, start_after=since.isoformat())
+        mine = [r for r in found if f"-{pid}@" in r["call_id"]]
+        if len(mine) >= count or time.monotonic() > deadline:
+            return mine
+        await asyncio.sleep(0.5)
+
+
+def _by_call(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        calls.setdefault(r["call_id"], []).append(r)
+    for parts in calls.values():
+        parts.sort(key=lambda r: r["part"])
+    return calls
+
+
+async def test_mcp_killed_calls_survive_and_recordings_resume(
+    ha_lab: Lab, ha_api: LabApi, tmp_path: Path
+) -> None:
+    """40 calls over two MCPs (~20 each), SIGKILL mcp1: every call succeeds, each of mcp1's calls
+    gets a second part on mcp2 under the same session, with a gap of at most 2 s."""
+    calls, rate, hold_ms = 40, 20.0, 5000
+    since = datetime.now(UTC) - timedelta(seconds=2)
+    uas = await _callee(ha_lab, tmp_path / "uas")
+    uac = _caller(ha_lab, tmp_path / "uac", rate=rate, calls=calls, hold_ms=hold_ms)
+    try:
+        await uac.start()
+        assert uac.process is not None
+        pid = uac.process.pid
+        await asyncio.sleep(calls / rate + 0.7)  # every call placed and established
+        killed_at = time.time()
+        ha_lab.kill("mcp1")
+        result = await uac.wait(timeout=calls / rate + hold_ms / 1000 + 30)
+    finally:
+        if uac.running:
+            await uac.stop()
+        await uas.stop()
+    assert result.successful == calls and result.failed == 0, result.describe()
+
+    # The killed MCP comes back (as a supervisor would restart it) and stores what its spool holds.
+    await asyncio.to_thread(ha_lab.start_daemon, "mcp1")
+    recs = await _recordings(ha_api, pid, since, calls + 10, timeout=40)
+    by_call = _by_call(recs)
+    assert len(by_call) == calls, f"{len(by_call)} of {calls} calls have recordings"
+    moved = {cid: parts for cid, parts in by_call.items() if parts[0]["mcp"] == "mcp1"}
+    assert len(moved) >= 10, f"only {len(moved)} calls were on mcp1"
+    gaps = []
+    for cid, parts in moved.items():
+        assert [p["part"] for p in parts] == [1, 2], f"{cid}: parts {[(p['part'], p['mcp']) for p in parts]}"
+        first, second = parts
+        assert first["session_id"] == second["session_id"]
+        assert second["mcp"] == "mcp2"
+        gap = _ts(second["start"]) - _ts(first["end"])
+        gaps.append(gap)
+        assert -0.1 <= gap <= 2.0, f"{cid}: recording gap {gap:.2f} s"
+        assert second["duration"] > 1.0
+        linked = await asyncio.to_thread(ha_api.search, session_id=first["session_id"])
+        assert {r["id"] for r in linked} == {first["id"], second["id"]}
+    for cid, parts in by_call.items():
+        if cid not in moved:
+            assert len(parts) == 1 and parts[0]["mcp"] == "mcp2", f"{cid}: {parts}"
+    gaps.sort()
+    print(
+        f"\nMCP kill: {len(moved)} of {calls} calls on the killed MCP, all {result.successful} calls "
+        f"successful; gap median {gaps[len(gaps) // 2]:.2f} s, max {gaps[-1]:.2f} s "
+        f"(killed at {killed_at:.1f})"
+    )
