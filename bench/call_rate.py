@@ -65,9 +65,9 @@ END = "<!-- END call_rate -->"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CALLEE, CALLER = "1003", "1004"
 # Display order and short names of the lab's daemons (labels of Lab.daemons).
-DAEMONS = ["sip-server", "resource-manager", "mcp1", "mcp2", "recording-processor", "web-services"]
+DAEMONS = ["sip-server-a", "resource-manager", "mcp1", "mcp2", "recording-processor", "web-services"]
 SHORT = {
-    "sip-server": "SIP",
+    "sip-server-a": "SIP",
     "resource-manager": "RM",
     "mcp": "MCP",
     "mcp1": "MCP1",
@@ -390,7 +390,7 @@ async def run_step(
     # Datagrams dropped by the kernel (receive buffer full) on the SIP sockets and SIPp's media ports
     drops1 = udp_drops()
     cfg = lab.config
-    sockets = {"sip-server": cfg.sip_server.port, "resource-manager": cfg.resource_manager.port}
+    sockets = {"sip-server-a": cfg.sip_server.port, "resource-manager": cfg.resource_manager.port}
     sockets.update({m.name: m.port for m in cfg.mcp})
     if uas is not None:
         sockets["sipp-uas"] = uas.local_port
@@ -713,7 +713,7 @@ def step_row(s: dict[str, Any]) -> str:
         f"{s['indexed']}/{s['calls']} "
         f"({'+' + fmt(s['index_lag_s'], 1) + ' s' if s['index_lag_s'] is not None else 'gave up'}) | "
         f"{fmt(s['duration_err_max_s'], 2)} s ({s['duration_bad']} bad) | {fmt(s['peak_concurrent'])} | "
-        f"{fmt(cpu['sip-server'], 1)} / {fmt(cpu['resource-manager'], 1)} / {fmt(cpu['mcp'], 1)} / "
+        f"{fmt(cpu['sip-server-a'], 1)} / {fmt(cpu['resource-manager'], 1)} / {fmt(cpu['mcp'], 1)} / "
         f"{fmt(cpu['recording-processor'], 1)} / {fmt(cpu['web-services'], 1)} / {fmt(cpu['sipp'], 1)} | "
         f"{SHORT[top]} {fmt(mean[top])} % ({fmt(peak[top])} % peak); machine {fmt(s['machine_busy_pct'])} %, "
         f"other {fmt(s['other_pct'])} % | {'pass' if s['passed_runs'] == s.get('runs', 1) else 'FAIL'}{runs} |"
@@ -726,7 +726,7 @@ def headlines(runs: list[dict[str, Any]]) -> dict[str, Any]:
     at = [s for r in runs for s in r["steps"] if s["rate"] == highest and s["passed"]]
     if at:
         out["call_setup_ms_p95_at_sustained"] = round(med([s["setup_ms"]["p95"] for s in at]), 1)
-        for label, name in (("sip-server", "sip_server"), ("resource-manager", "resource_manager")):
+        for label, name in (("sip-server-a", "sip_server"), ("resource-manager", "resource_manager")):
             out[f"{name}_cpu_ms_per_call"] = round(med([s["cpu_ms_per_call"][label] for s in at]), 2)
         out["mcp_cpu_ms_per_call"] = round(med([s["cpu_ms_per_call"]["mcp"] for s in at]), 2)
         lab_ms = med([sum(s["cpu_ms_per_call"][k] for k in DAEMONS) for s in at])

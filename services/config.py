@@ -184,6 +184,38 @@ class SipServerConfig:
     #: MD5, and baresip 1.0.0 (libre) refuses a 401 that carries any algorithm it does not know.
     #: ["SHA-256", "MD5"] offers both, SHA-256 preferred, for phones that implement RFC 8760.
     digest_algorithms: list[str] = field(default_factory=lambda: ["MD5"])
+    # -- active / hot standby (docs/HA.md). replication_port 0: a lone server, no replication.
+    #: "primary" (preferred active), "standby" (preferred standby) or "auto" (between the two).
+    role: str = "primary"
+    #: This node's name in the pair (logs, and the last tie-break); default replication host:port.
+    node_name: str = ""
+    #: Where this node listens for its peer's replication connection (TCP).
+    replication_host: str = "127.0.0.1"
+    replication_port: int = 0
+    #: The peer's replication address, host:port.
+    peer: str = ""
+    #: Heartbeats both ways every interval; the peer is dead after ``heartbeat_misses`` missed
+    #: ones with its replication connection gone.
+    heartbeat_interval: float = 0.2
+    heartbeat_misses: int = 3
+    #: Run (shell) before taking over the service address, e.g. ``ip addr add VIP/32 dev eth0``
+    #: (what keepalived would do); ``release_command`` when an active yields to its peer.
+    takeover_command: str = ""
+    release_command: str = ""
+    #: Seconds a node taking over keeps retrying to bind the SIP address (freed by the dead peer).
+    bind_timeout: float = 5.0
+
+    def validate(self, where: str) -> None:
+        if self.role not in ("primary", "standby", "auto"):
+            raise ConfigError(f"{where}.role must be 'primary', 'standby' or 'auto', not {self.role!r}")
+        if not 0 <= self.replication_port < 65536:
+            raise ConfigError(f"{where}.replication_port is out of range")
+        if self.replication_port:
+            _parse_hostport(self.peer, f"{where}.peer")
+        if self.heartbeat_interval <= 0 or self.heartbeat_misses < 1:
+            raise ConfigError(f"{where}.heartbeat_interval must be positive and heartbeat_misses at least 1")
+        if self.bind_timeout <= 0:
+            raise ConfigError(f"{where}.bind_timeout must be positive")
 
 
 @dataclass
@@ -409,6 +441,7 @@ class ClusterConfig:
 
     def validate(self) -> None:
         self.resource_manager.validate("resource_manager")
+        self.sip_server.validate("sip_server")
         self.web_services.validate("web_services")
         self.storage.validate("storage")
         self.crypto_server.validate("crypto_server")

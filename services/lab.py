@@ -44,18 +44,21 @@ class LabPorts:
     rtp_base: int = 20000
     rtp_per_mcp: int = 5000
     web: int = 8080
+    #: replication ports of the SIP Server pair (sip-server-a, sip-server-b; docs/HA.md)
+    sip_replication: list[int] = field(default_factory=lambda: [5066, 5067])
 
     @classmethod
     def free(cls, mcps: int = 2) -> LabPorts:
         """Pick ports that are free on 127.0.0.1 now (UDP and TCP), for tests that run a lab."""
         taken: set[int] = set()
-        ports = [_free_port(taken) for _ in range(3 + mcps)]
+        ports = [_free_port(taken) for _ in range(5 + mcps)]
         base = 30000 + secrets.randbelow(200) * 100
         return cls(
             sip=ports[0],
             resource_manager=ports[1],
             web=ports[2],
-            mcp=ports[3:],
+            sip_replication=ports[3:5],
+            mcp=ports[5:],
             rtp_base=base,
             rtp_per_mcp=1000,
         )
@@ -145,6 +148,9 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
             "realm": "callvault",
             "nonce_secret": secrets.token_hex(16),
             "resource_manager": f"127.0.0.1:{ports.resource_manager}",
+            # sip-server-a's view of the hot-standby pair; sip-server-b swaps them (daemon_specs)
+            "replication_port": ports.sip_replication[0],
+            "peer": f"127.0.0.1:{ports.sip_replication[1]}",
         },
         "resource_manager": {"host": "127.0.0.1", "port": ports.resource_manager},
         "mcp": [
@@ -198,8 +204,27 @@ def daemon_specs(cfg: config_mod.ClusterConfig) -> list[tuple[str, list[str]]]:
         ("recording-processor", ["recording-processor"]),
     ]
     specs += [(m.name, ["mcp", "--name", m.name]) for m in cfg.mcp]
-    specs += [("resource-manager", ["resource-manager"]), ("sip-server", ["sip-server"])]
-    return specs
+    specs += [("resource-manager", ["resource-manager"])]
+    sip = cfg.sip_server
+    if not sip.replication_port:
+        return [*specs, ("sip-server", ["sip-server"])]
+    # The hot-standby pair: the same [sip_server] (same SIP address), a = primary, b = standby
+    # with the replication addresses swapped.
+    peer_host, peer_port = config_mod.parse_hostport(sip.peer, "sip_server.peer")
+    return [
+        *specs,
+        ("sip-server-a", ["sip-server", "--set", "sip_server.node_name=sip-server-a"]),
+        (
+            "sip-server-b",
+            [
+                "sip-server",
+                *("--set", "sip_server.node_name=sip-server-b", "--set", "sip_server.role=standby"),
+                *("--set", f"sip_server.replication_host={peer_host}"),
+                *("--set", f"sip_server.replication_port={peer_port}"),
+                *("--set", f"sip_server.peer={sip.replication_host}:{sip.replication_port}"),
+            ],
+        ),
+    ]
 
 
 class DaemonProcess:
@@ -376,6 +401,16 @@ class Lab:
                 "transports": ["udp", "tcp"],
                 "realm": sip.realm,
                 "domain": default.get("domain"),
+                "servers": {
+                    label: (
+                        "primary (active), replication "
+                        f"{sip.replication_host}:{sip.replication_port}, peer {sip.peer}"
+                        if label == "sip-server-a"
+                        else f"hot standby, replication {sip.peer}"
+                    )
+                    for label in self.daemons
+                    if label.startswith("sip-server-")
+                },
             },
             "api": {
                 "base_url": f"http://{cfg.web_services.host}:{cfg.web_services.port}/api/v1",
@@ -404,6 +439,8 @@ class Lab:
         out.append(
             f"  SIP Server        sip:{info['sip']['host']}:{info['sip']['port']} (UDP, TCP)  realm {info['sip']['realm']}"
         )
+        for label, role in info["sip"].get("servers", {}).items():
+            out.append(f"    {label:<15} {role}")
         out.append(f"  Resource Manager  sip:{cfg.resource_manager.host}:{cfg.resource_manager.port}")
         for m in cfg.mcp:
             out.append(

@@ -52,6 +52,10 @@ _FAILURE_HEADERS = ("Reason", "Warning", "Retry-After")
 #: Headers copied on relayed INFO / OPTIONS / MESSAGE requests and their responses.
 _RELAY_REQUEST_HEADERS = ("Info-Package", "Content-Disposition", "Event", "Accept")
 _RELAY_RESPONSE_HEADERS = ("Allow", "Accept", "Supported", "Content-Disposition", "Recv-Info")
+#: How long an ended call's dialogs are remembered (64*T1: a BYE's retransmissions are over by then).
+ENDED_DIALOG_TTL = 32.0
+#: How far an adopted call's local CSeqs jump (see B2BUA.adopt).
+ADOPT_CSEQ_GAP = 100
 
 
 class ClientRequestLike(Protocol):
@@ -149,6 +153,9 @@ class B2BUA:
         self.calls: dict[str, Call] = {}
         # (Call-ID, our tag) -> (call, leg name): how in-dialog requests find their call.
         self._dialogs: dict[tuple[str, str], tuple[Call, str]] = {}
+        #: Dialogs of calls that ended recently -> until when (wall clock): a retransmitted BYE (to
+        #: us, or to a standby that took over) is answered 200, not 481. Replicated (issue 5).
+        self.ended_dialogs: dict[tuple[str, str], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.rm = parse_hostport(self.sip.resource_manager, "sip_server.resource_manager")
@@ -720,8 +727,10 @@ class B2BUA:
         await asyncio.gather(*(self._bye(call, leg, reason) for leg in legs), return_exceptions=True)
         state.phase = CallPhase.ENDED
         self.calls.pop(state.id, None)
+        until = self.clock() + ENDED_DIALOG_TTL
         for key in [k for k, (c, _) in self._dialogs.items() if c is call]:
             del self._dialogs[key]
+            self.ended_dialogs[key] = until
         call.ended.set()
         self._changed(call)
 
@@ -731,7 +740,9 @@ class B2BUA:
         req: Request = inc.request
         found = self.find(req)
         if found is None:
-            if req.method != "ACK":
+            if req.method == "BYE" and self._recently_ended(req):
+                inc.respond(200)  # a retransmission of a BYE already handled (here or by the peer)
+            elif req.method != "ACK":
                 inc.respond(481)
             return
         call, name = found
@@ -758,6 +769,36 @@ class B2BUA:
             inc.respond(481, "No reliable provisional response pending")
         else:
             inc.respond(405, headers=[("Allow", ALLOW)])
+        if call.state.phase not in (CallPhase.ENDING, CallPhase.ENDED):
+            self._changed(call)  # CSeqs, targets, timers moved on: replicate (issue 5)
+
+    def _recently_ended(self, req: Request) -> bool:
+        try:
+            key = (req.call_id, req.to.tag or "")
+        except SipParseError:
+            return False
+        return self.ended_dialogs.get(key, 0.0) > self.clock()
+
+    def adopt(self, state: CallState) -> Call:
+        """Take over a call from a hot standby's replica (issue 5): bind its dialogs so that
+        in-dialog requests find it, arm its session timers. A call whose caller's ACK had not
+        been seen is treated as established; one that was ending is ended again. Our CSeq on each
+        leg jumps by :data:`ADOPT_CSEQ_GAP`: requests the dead peer sent after its last replicated
+        change must not be outnumbered (RFC 3261 12.2.1.1 asks for increasing, not consecutive)."""
+        call = Call(state)
+        ending = state.phase == CallPhase.ENDING
+        if state.phase in (CallPhase.ANSWERED, CallPhase.ENDING):
+            state.phase = CallPhase.CONFIRMED
+        if state.phase == CallPhase.CONFIRMED:
+            call.confirmed.set()
+        self.calls[state.id] = call
+        for leg in state.legs():
+            if leg.dialog is not None:
+                leg.dialog.local_cseq += ADOPT_CSEQ_GAP
+                self._bind(call, leg.dialog.call_id, leg.dialog.local_tag, leg.name)
+        if ending:
+            self._spawn(self.end_call(call, state.end_reason or "ending"), f"end-{state.id[:8]}")
+        return call
 
     async def _on_bye(self, call: Call, name: str, inc: Any) -> None:
         state = call.state
@@ -1067,6 +1108,8 @@ class B2BUA:
     def check_timers(self) -> None:
         """Start refreshes that are due and end calls whose peer stopped refreshing (RFC 4028 10)."""
         now = self.clock()
+        for key in [k for k, until in self.ended_dialogs.items() if until <= now]:
+            del self.ended_dialogs[key]
         for call in list(self.calls.values()):
             if call.state.phase != CallPhase.CONFIRMED:
                 continue

@@ -89,6 +89,20 @@ class SipServer:
                     await self._ticker
             await self.endpoint.close()
 
+    async def abandon(self) -> None:
+        """Stop serving at once without ending any call: the HA peer holds them now (issue 5)."""
+        self.b2bua.accepting = False
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        tasks = list(self.b2bua._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.b2bua.calls.clear()
+        await self.endpoint.close()
+
     async def _tick(self) -> None:
         last_purge = time.monotonic()
         while True:
@@ -146,7 +160,17 @@ async def run(
     name: str | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve the SIP Server until cancelled, then shut down gracefully."""
+    """Serve the SIP Server until cancelled, then shut down gracefully.
+
+    With ``sip_server.replication_port`` set, the server is one of an active / hot-standby pair
+    (:class:`services.sip_server.ha.HaNode`): ``ready()`` is called once it serves or, as a
+    standby, once it holds the active's snapshot (or took over).
+    """
+    if config.sip_server.replication_port:
+        from services.sip_server.ha import HaNode
+
+        await HaNode(config, ready=ready).run()
+        return
     server = SipServer(config)
     await server.start()
     loop = asyncio.get_running_loop()

@@ -142,11 +142,11 @@ CASES = [
          lambda t, p, u: (VECTORS / "clerr.dat").read_bytes(), 400, "Content-Length", transports=("udp",)),
 ]  # fmt: skip
 
-DAEMONS = ["sip-server", "resource-manager", "mcp1"]
+DAEMONS = ["sip-server-a", "resource-manager", "mcp1"]
 
 
 def daemon_port(lab: Lab, label: str) -> int:
-    if label == "sip-server":
+    if label == "sip-server-a":
         return lab.config.sip_server.port
     if label == "resource-manager":
         return lab.config.resource_manager.port
@@ -364,7 +364,7 @@ def good_sdp(port: int = 40000) -> bytes:
 
 
 async def test_wrong_credentials_are_challenged_then_refused(lab: Lab, users: dict[str, str]) -> None:
-    log_path = lab.daemons["sip-server"].log_path
+    log_path = lab.daemons["sip-server-a"].log_path
     async with Client(lab) as client:
         # REGISTER: 401 with a challenge, then 403 for the wrong password (and for an unknown user).
         first, second = await client.with_credentials(client.register("1001", 60), "1001", "wrong-password")
@@ -402,7 +402,7 @@ async def test_wrong_credentials_are_challenged_then_refused(lab: Lab, users: di
         ],
     )
     assert not missing, f"the SIP Server did not log: {missing}"
-    assert lab.daemons["sip-server"].alive()
+    assert lab.daemons["sip-server-a"].alive()
 
 
 MALFORMED_SDP = [
@@ -434,7 +434,7 @@ async def test_malformed_sdp_gets_488_and_records_nothing(
         assert gone.status == 200
         assert client.incoming == [], [r.method for r in client.incoming]
     missing = wait_log(
-        lab.daemons["sip-server"].log_path,
+        lab.daemons["sip-server-a"].log_path,
         [rf"INVITE {re.escape(cid)}: malformed SDP" for cid in call_ids],
     )
     assert not missing, f"the SIP Server did not log: {missing}"
