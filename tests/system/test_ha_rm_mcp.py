@@ -24,8 +24,8 @@ from tests.system.conftest import LabApi
 pytestmark = pytest.mark.system
 
 CALLER, CALLEE = "1001", "1002"
-#: Fast MCP failure detection for the lab: OPTIONS every 0.25 s, down after 3 misses (<= 1 s).
-FAST_PROBES = {"resource_manager.options_interval": 0.25, "resource_manager.failures_before_down": 3}
+#: Fast MCP failure detection for the lab: OPTIONS every 0.2 s, down after 3 misses (0.6-0.8 s).
+FAST_PROBES = {"resource_manager.options_interval": 0.2, "resource_manager.failures_before_down": 3}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,46 @@ def _by_call(recs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for parts in calls.values():
         parts.sort(key=lambda r: r["part"])
     return calls
+
+
+async def test_drained_mcp_takes_no_new_sessions_and_finishes_its_calls(
+    ha_lab: Lab, ha_api: LabApi, tmp_path: Path
+) -> None:
+    """SIGUSR1 takes mcp1 out of service: calls placed afterwards all go to mcp2, the calls mcp1
+    carries go on to their end and are recorded there in one part; SIGUSR2 puts it back."""
+    since = datetime.now(UTC) - timedelta(seconds=2)
+    uas = await _callee(ha_lab, tmp_path / "uas")
+    before = _caller(ha_lab, tmp_path / "before", rate=10.0, calls=10, hold_ms=5000)
+    after = _caller(ha_lab, tmp_path / "after", rate=10.0, calls=10, hold_ms=1500)
+    try:
+        await before.start()
+        await asyncio.sleep(1.5)  # the first 10 calls are up, spread over both MCPs
+        ha_lab.daemons["mcp1"].signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0)  # a few OPTIONS rounds: the RM sees mcp1 draining
+        await after.start()
+        r_after = await after.wait(timeout=30)
+        r_before = await before.wait(timeout=30)
+    finally:
+        for sipp in (before, after):
+            if sipp.running:
+                await sipp.stop()
+        await uas.stop()
+        ha_lab.daemons["mcp1"].signal(signal.SIGUSR2)
+    assert r_before.successful == 10 and r_before.failed == 0, r_before.describe()
+    assert r_after.successful == 10 and r_after.failed == 0, r_after.describe()
+    assert before.process is not None and after.process is not None
+    old = _by_call(await _recordings(ha_api, before.process.pid, since, 10, timeout=30))
+    new = _by_call(await _recordings(ha_api, after.process.pid, since, 10, timeout=30))
+    assert len(old) == 10 and len(new) == 10
+    assert {parts[0]["mcp"] for parts in new.values()} == {"mcp2"}, "a drained MCP got new sessions"
+    on_drained = [parts for parts in old.values() if parts[0]["mcp"] == "mcp1"]
+    assert on_drained, "no call was on mcp1 when it was drained"
+    for parts in on_drained:
+        assert len(parts) == 1 and parts[0]["part"] == 1, parts
+        assert parts[0]["duration"] > 4.5, "a call on the drained MCP was cut short"
+    log = ha_lab.daemons["mcp1"].log_path.read_text()
+    assert "draining" in log and "back in service" in log
+    print(f"\nDrain: {len(on_drained)} calls finished on the drained MCP, 10 of 10 new calls on mcp2")
 
 
 async def test_mcp_killed_calls_survive_and_recordings_resume(
