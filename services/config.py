@@ -72,8 +72,9 @@ class IvrProfile:
     certificates: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
-        if self.format not in ("wav",):
-            raise ConfigError(f"{where}.format must be 'wav', not {self.format!r}")
+        if self.format not in ("wav", "mp3", "opus", "flac"):
+            # wav: rtp_core's own output; the others are encoded by the MCP (services/mcp/transcode.py)
+            raise ConfigError(f"{where}.format must be 'wav', 'mp3', 'opus' or 'flac', not {self.format!r}")
         if self.channels not in (1, 2):
             raise ConfigError(f"{where}.channels must be 1 (mono mix) or 2 (stereo), not {self.channels!r}")
         if self.storage not in ("disk", "s3"):

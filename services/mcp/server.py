@@ -43,6 +43,7 @@ from .session import (
     remove_sidecar,
     write_sidecar,
 )
+from .transcode import transcode_part
 
 if TYPE_CHECKING:
     from services.sip.aio import IncomingRequest, SipEndpoint
@@ -468,6 +469,12 @@ class McpServer:
             return
         try:
             key = recording_key(session.bridge.tenant, session.start, rid, session.bridge.profile.format)
+            await asyncio.to_thread(
+                transcode_part,
+                session.spool_path,
+                session.bridge.profile.format,
+                session.bridge.profile.channels,
+            )
             stored = await _retry(
                 lambda: self.writer.store(session.spool_path, key), f"store recording {rid}"
             )
@@ -508,6 +515,9 @@ class McpServer:
             rid = left.recording_id
             try:
                 key = recording_key(left.bridge.tenant, left.opened, rid, left.bridge.profile.format)
+                await asyncio.to_thread(
+                    transcode_part, left.part_path, left.bridge.profile.format, left.bridge.profile.channels
+                )
                 stored = await self.writer.store(left.part_path, key)
                 event = build_event(
                     recording_id=rid,

@@ -36,6 +36,11 @@ _ID = {
     "required": True,
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"},
 }
+# the recording's format (IvrProfile.format) picks the type: wav, mp3, opus (Ogg), flac
+_AUDIO = {
+    t: {"schema": {"type": "string", "format": "binary"}}
+    for t in ("audio/wav", "audio/mpeg", "audio/ogg", "audio/flac")
+}
 _COMMON = {"401": _error("Missing or invalid API key"), "404": _error("No such recording for this tenant")}
 
 _STREAM = {
@@ -84,7 +89,7 @@ _RECORDING = {
         "end": {"type": "string", "format": "date-time"},
         "duration": {"type": "number", "description": "seconds"},
         "codec": {"type": "string"},
-        "format": {"type": "string", "enum": ["wav"]},
+        "format": {"type": "string", "enum": ["wav", "mp3", "opus", "flac"]},
         "channels": {"type": "integer", "enum": [1, 2]},
         "sample_rate": {"type": "integer"},
         "size": {"type": "integer", "description": "bytes"},
@@ -232,11 +237,11 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "The whole file",
-                            "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
+                            "content": _AUDIO,
                         },
                         "206": {
                             "description": "The requested range",
-                            "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
+                            "content": _AUDIO,
                         },
                         "304": {"description": "Not modified (If-None-Match)"},
                         "403": _error("Signed URL invalid or expired"),

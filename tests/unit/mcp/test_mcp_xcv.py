@@ -61,7 +61,7 @@ def test_encoding_is_unpadded_base64url_and_padding_is_accepted() -> None:
         ({"Profile": None}, "X-CV-Profile header is missing"),
         ({"Profile": xcv.b64json_encode({"channels": 3})}, "channels"),
         ({"Profile": xcv.b64json_encode({"channels": "2"})}, "channels must be an integer"),
-        ({"Profile": xcv.b64json_encode({"format": "mp3"})}, "format"),
+        ({"Profile": xcv.b64json_encode({"format": "aac"})}, "format"),
         ({"Profile": xcv.b64json_encode({"reorder_ms": 5})}, "reorder_ms"),
     ],
 )
