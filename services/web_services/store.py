@@ -1,17 +1,16 @@
 """The metadata store: an async interface and its embedded SQLite implementation.
 
-:class:`MetadataStore` is what the REST API needs and nothing more, shaped so that a Cassandra
-backend (issue 4) can implement it with the same semantics:
+:class:`MetadataStore` is what the REST API and the retention job need, with the same semantics on
+every backend (tests/unit/web_services/test_store_contract.py; the Cassandra one is in
+store_cassandra.py):
 
 * every read is scoped by tenant (the partition key's first part);
 * search returns newest first with a *keyset* cursor ``(start, id)`` rather than an offset, which
-  Cassandra can serve by walking a tenant's day partitions backwards
-  (``recordings_by_day ((tenant, day), start DESC, id DESC)``);
-* ``get`` by id is a point look-up (``recordings_by_id ((tenant, id))``), ``call_id`` has its own
-  look-up (``recordings_by_call ((tenant, call_id), start, id)``);
-* ``put`` is an idempotent insert (``INSERT ... IF NOT EXISTS``) returning whether it created the
-  record, found the identical one, found a different one, or found a tombstone of a deleted one (so a
-  late duplicate event cannot resurrect a deleted recording).
+  Cassandra serves by walking a tenant's day partitions backwards;
+* ``put`` is an idempotent insert returning whether it created the record, found the identical one,
+  found a different one, or found a tombstone of a deleted one (so a late duplicate event cannot
+  resurrect a deleted recording);
+* leases let one of several instances run a periodic job; the audit trail records purges.
 
 The SQLite store keeps one connection in one dedicated worker thread: every call is a job on that
 thread, which serialises them without a lock and keeps the event loop free. WAL mode lets several
