@@ -18,8 +18,8 @@ from typing import Any
 
 from services.config import ClusterConfig, McpConfig
 from services.sip.aio import SipEndpoint
-from services.storage.disk import DiskWriter
 from services.storage.queue import EventQueue
+from services.storage.writer import StorageTargets
 
 from .server import McpServer
 from .session import find_leftovers
@@ -55,11 +55,19 @@ async def run(
     mcp = pick_mcp(config, name)
     spool = config.path(mcp.spool_dir)
     spool.mkdir(parents=True, exist_ok=True)
-    writer = DiskWriter(config.path(config.storage.disk_root))
+    writer = StorageTargets.from_config(config)
     queue = EventQueue(config.path(config.storage.queue_dir))
     engine = engine_factory(mcp)
     endpoint = SipEndpoint(host=mcp.host, port=mcp.port, name=mcp.name)
-    server = McpServer(mcp, endpoint, engine, spool=spool, writer=writer, queue=queue)
+
+    def certificates(tenant_id: str) -> list[str]:
+        tenant = config.tenant(tenant_id)
+        return list(tenant.profile.certificates) if tenant is not None else []
+
+    server = McpServer(
+        mcp, endpoint, engine, spool=spool, writer=writer, queue=queue, certificates=certificates,
+        max_backoff=config.storage.upload_max_backoff,
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     reader = False
     started = False
@@ -128,4 +136,5 @@ async def _shutdown(
             log.exception("rtp_core: engine close failed")
         if started:
             await endpoint.close()
+        await server.writer.close()
         log.info("MCP %s stopped (%d recording(s) finalised)", mcp.name, server.finalised)

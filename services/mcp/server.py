@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -30,17 +31,22 @@ from typing import TYPE_CHECKING, Any
 from services.config import McpConfig
 from services.sip.errors import SipError, SipParseError
 from services.sip.message import Request, new_tag
-from services.storage.disk import recording_key
+from services.storage.disk import StorageKeyError, recording_key
+from services.storage.s3 import retry_forever
+from services.storage.writer import StorageTargetError
 
 from . import bridge as sdp_bridge
 from . import xcv
 from .events import build_event, check_event
 from .session import (
+    ENCRYPTED_SUFFIX,
     PART_SUFFIX,
     Leftover,
     RecordingSession,
     State,
+    bridge_from_sidecar,
     remove_sidecar,
+    set_aside,
     write_sidecar,
 )
 from .transcode import transcode_part
@@ -53,6 +59,8 @@ log = logging.getLogger("callvault.mcp")
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
 ACK_TIMEOUT = 32.0  # 64 * T1: RFC 3261 13.3.1.4
 BYE_TIMEOUT = 5.0  # how long finalisation waits for the answer to our own BYE
+UPLOADS = 8  # recordings stored at the same time (the rest wait their turn)
+RECOVERY_WAIT = 5.0  # how long start-up waits for recovered recordings before serving anyway
 
 
 class McpServer:
@@ -68,13 +76,20 @@ class McpServer:
         writer: Any,
         queue: Any,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        certificates: Callable[[str], list[str]] = lambda tenant: [],
+        max_backoff: float = 10.0,
     ) -> None:
         self.mcp = mcp
         self.endpoint = endpoint
         self.engine = engine
         self.spool = spool
+        #: StorageTargets: ``store(kind, src, key)`` and ``describe(kind)`` (services/storage/writer.py)
         self.writer = writer
         self.queue = queue
+        #: The tenant's certificates (PEM paths): non-empty = recordings are encrypted before storage.
+        self.certificates = certificates
+        self.max_backoff = max_backoff
+        self._uploads = asyncio.Semaphore(UPLOADS)
         self.clock = clock
         self.accepting = True
         self.sessions: dict[str, RecordingSession] = {}  # Call-ID -> session
@@ -448,8 +463,9 @@ class McpServer:
             return None
 
     async def _store(self, session: RecordingSession, stats: dict[str, Any] | None, end: datetime) -> None:
-        """Move the file into storage and queue its event, retrying on storage errors (the file and
-        its sidecar stay in the spool meanwhile, so even a crash here loses nothing)."""
+        """Record the finished recording as pending in its sidecar, then upload it and queue its event
+        (:meth:`_upload`). Until the event is queued the spool keeps the file and the pending record,
+        so a crash at any point loses nothing: the next start resumes from the record."""
         rid = session.recording_id
         if (
             session.unanswered
@@ -468,77 +484,158 @@ class McpServer:
             log.info("recording %s discarded (%s): no media was received", rid, session.end_reason)
             return
         try:
-            key = recording_key(session.bridge.tenant, session.start, rid, session.bridge.profile.format)
-            await asyncio.to_thread(
-                transcode_part,
-                session.spool_path,
-                session.bridge.profile.format,
-                session.bridge.profile.channels,
-            )
-            stored = await _retry(
-                lambda: self.writer.store(session.spool_path, key), f"store recording {rid}"
-            )
-            event = build_event(
-                recording_id=rid,
-                bridge=session.bridge,
-                start=session.start,
-                end=end,
-                close_stats=stats,
-                stored=stored.to_dict(),
-                mcp=self.mcp.name,
-                codec=session.codec,
-                dtmf=session.dtmf_text(),
-            )
-            check_event(event)
-            await _retry(lambda: self.queue.put(event), f"queue event of {rid}")
-            await asyncio.to_thread(remove_sidecar, self.spool, rid)
-            self.finalised += 1
-            log.info(
-                "recording %s finalised (%s): %s, %.2f s, %d bytes",
-                rid, session.end_reason, key, event["duration"], event["size"],
+            record = {
+                **session.sidecar(self.mcp.name),
+                "state": "pending",
+                "start": session.start.isoformat(),
+                "end": end.isoformat(),
+                "stats": stats,
+                "dtmf": list(session.dtmf_text()),
+                "reason": session.end_reason or "finished",
+            }
+            await retry_forever(
+                lambda: asyncio.to_thread(write_sidecar, self.spool, rid, record),
+                f"recording {rid}: writing its pending record", cap=self.max_backoff,
             )  # fmt: skip
-        except FileNotFoundError as exc:
-            log.error("recording %s: the spool file is gone (%s); nothing to store", rid, exc)
+            await self._upload(rid, record, session.spool_path, queued=lambda: self._done(session))
         except asyncio.CancelledError:
             log.error("recording %s: finalisation interrupted; it stays in the spool for recovery", rid)
             raise
         except Exception:
             log.exception("recording %s: could not be stored; it stays in the spool for recovery", rid)
         finally:
-            session.state = State.DONE
-            self.sessions.pop(session.call_id, None)
-            self._finalising.pop(rid, None)
+            self._done(session)
 
-    async def recover(self, leftovers: list[Leftover]) -> None:
-        """Finish recordings a previous run of this MCP left in the spool (see session.py)."""
+    def _done(self, session: RecordingSession) -> None:
+        session.state = State.DONE
+        self.sessions.pop(session.call_id, None)
+        self._finalising.pop(session.recording_id, None)
+
+    async def _upload(
+        self, rid: str, record: dict[str, Any], part: Path, queued: Callable[[], None] | None = None
+    ) -> None:
+        """Encrypt (when the tenant has certificates), store and queue one pending recording.
+
+        Storage and queue failures are retried forever with a capped backoff (the recording waits in
+        the spool while the store is down); a spool entry that can never be stored (audio gone from
+        both spool and storage, a bad key, a certificate that cannot be used) is set aside in
+        ``<spool>/bad/`` with the reason.
+        """
+        bridge = bridge_from_sidecar(record)
+        start = _aware(datetime.fromisoformat(str(record.get("start") or record["opened"])))
+        end = max(start, _aware(datetime.fromisoformat(str(record.get("end") or record["opened"]))))
+        kind = bridge.profile.storage
+        files = [f"{rid}.json", part.name, f"{rid}{ENCRYPTED_SUFFIX}"]
+        try:
+            key = recording_key(bridge.tenant, start, rid, bridge.profile.format)
+            await asyncio.to_thread(transcode_part, part, bridge.profile.format, bridge.profile.channels)
+            src = part
+            encryption = record.get("encryption")
+            if encryption is None and (certificates := self.certificates(bridge.tenant)):
+                encryption = await self._encrypt(rid, record, part, certificates)
+            if encryption is not None:
+                src = self.spool / f"{rid}{ENCRYPTED_SUFFIX}"
+
+            async def attempt() -> Any:
+                async with self._uploads:
+                    return await self.writer.store(kind, src, key)
+
+            stored = await retry_forever(
+                attempt, f"recording {rid}: storing {key} ({kind})", cap=self.max_backoff,
+                permanent=(FileNotFoundError, StorageKeyError, StorageTargetError),
+            )  # fmt: skip
+        except (FileNotFoundError, StorageKeyError, StorageTargetError, ValueError) as exc:
+            await asyncio.to_thread(set_aside, self.spool, files, f"cannot be stored: {exc}")
+            return
+        audio = stored.to_dict()
+        if encryption is not None:
+            # The event describes the audio (what playback returns); storage.* the stored envelope.
+            audio.update(size=encryption["plaintext_size"], sha256=encryption["plaintext_sha256"])
+        dtmf = record.get("dtmf") or ["", ""]
+        event = build_event(
+            recording_id=rid,
+            bridge=bridge,
+            start=start,
+            end=end,
+            close_stats=record.get("stats"),
+            stored=audio,
+            mcp=str(record.get("mcp") or self.mcp.name),
+            codec=str(record.get("codec", "")),
+            dtmf=(str(dtmf[0]), str(dtmf[1])),
+        )
+        event["storage"] = {
+            **event["storage"], **self.writer.describe(kind), "size": stored.size, "sha256": stored.sha256,
+        }  # fmt: skip
+        if encryption is not None:
+            event["encryption"] = encryption
+        check_event(event)
+        await retry_forever(lambda: self.queue.put(event), f"recording {rid}: queueing its event",
+                            cap=self.max_backoff)  # fmt: skip
+        if queued is not None:
+            queued()
+        await asyncio.to_thread(remove_sidecar, self.spool, rid)
+        self.finalised += 1
+        log.info(
+            "recording %s finalised (%s): %s %s, %.2f s, %d bytes%s",
+            rid, record.get("reason") or "recovered", kind, key, event["duration"], event["size"],
+            ", encrypted" if encryption is not None else "",
+        )  # fmt: skip
+
+    async def _encrypt(
+        self, rid: str, record: dict[str, Any], part: Path, certificates: list[str]
+    ) -> dict[str, Any]:
+        """Encrypt the spool file for ``certificates`` (services/storage/envelope.py, in a thread),
+        make that durable in the pending record, then drop the plaintext."""
+        from services.storage.envelope import encrypt_file
+
+        enc = self.spool / f"{rid}{ENCRYPTED_SUFFIX}"
+        tmp = self.spool / f".{rid}{ENCRYPTED_SUFFIX}.tmp"
+
+        def run() -> dict[str, Any]:
+            meta = dict(encrypt_file(part, tmp, certificates))
+            os.replace(tmp, enc)
+            return meta
+
+        encryption = await asyncio.to_thread(run)
+        record["encryption"] = encryption
+        await retry_forever(
+            lambda: asyncio.to_thread(write_sidecar, self.spool, rid, record),
+            f"recording {rid}: writing its pending record", cap=self.max_backoff,
+        )  # fmt: skip
+        await asyncio.to_thread(part.unlink, missing_ok=True)
+        return encryption
+
+    async def recover(self, leftovers: list[Leftover], wait: float = RECOVERY_WAIT) -> None:
+        """Finish recordings a previous run of this MCP left in the spool (see session.py).
+
+        Each one is uploaded by its own task (retrying until storage takes it); start-up waits up to
+        ``wait`` seconds for them and then serves while the rest go on in the background.
+        """
+        tasks = []
         for left in leftovers:
-            rid = left.recording_id
-            try:
-                key = recording_key(left.bridge.tenant, left.opened, rid, left.bridge.profile.format)
-                await asyncio.to_thread(
-                    transcode_part, left.part_path, left.bridge.profile.format, left.bridge.profile.channels
-                )
-                stored = await self.writer.store(left.part_path, key)
-                event = build_event(
-                    recording_id=rid,
-                    bridge=left.bridge,
-                    start=left.opened,
-                    end=left.end,
-                    close_stats={"duration": left.wav.duration, "channels": left.wav.channels}
-                    if left.wav
-                    else None,
-                    stored=stored.to_dict(),
-                    mcp=left.mcp or self.mcp.name,
-                    codec=left.codec,
-                )
-                check_event(event)
-                await self.queue.put(event)
-                await asyncio.to_thread(remove_sidecar, self.spool, rid)
-                log.warning("recording %s recovered from the spool (%s, %.2f s)", rid, key, event["duration"])
-            except FileNotFoundError:
-                log.error("recording %s: sidecar without audio in the spool; left for an operator", rid)
-            except Exception:
-                log.exception("recording %s: recovery failed; left in the spool", rid)
+            record = dict(left.data)
+            if record.get("state") != "pending":
+                # Killed while recording: the WAV header was repaired; its audio ends where it stops.
+                record.update(
+                    state="pending", start=left.opened.isoformat(), end=left.end.isoformat(),
+                    stats={"duration": left.wav.duration, "channels": left.wav.channels} if left.wav else None,
+                    reason="recovered after a crash while recording",
+                )  # fmt: skip
+            else:
+                record.setdefault("reason", "recovered from the spool")
+            log.warning("recording %s: recovering it from the spool (%s)", left.recording_id,
+                        "upload pending" if left.data.get("state") == "pending" else "was recording")  # fmt: skip
+            tasks.append(self._spawn(self._recover_one(left, record)))
+        if tasks:
+            await asyncio.wait(tasks, timeout=wait)
+
+    async def _recover_one(self, left: Leftover, record: dict[str, Any]) -> None:
+        try:
+            await self._upload(left.recording_id, record, left.part_path)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recording %s: recovery failed; left in the spool", left.recording_id)
 
     async def shutdown(self, timeout: float) -> None:
         """Stop taking sessions, end every open one (BYE) and store every recording, within ``timeout``."""
@@ -583,23 +680,10 @@ def _log_invalid(recording_id: str, stats: dict[str, Any] | None) -> None:
             )  # fmt: skip
 
 
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
 def _discard(spool_file: Path, spool: Path, recording_id: str) -> None:
     spool_file.unlink(missing_ok=True)
     remove_sidecar(spool, recording_id)
-
-
-async def _retry(make: Callable[[], Any], what: str, *, attempts: int = 8) -> Any:
-    """Await ``make()`` with exponential backoff on OSError (the disk may be full or away a while)."""
-    delay = 0.2
-    for attempt in range(1, attempts + 1):
-        try:
-            return await make()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if attempt == attempts:
-                raise
-            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-    raise AssertionError("unreachable")

@@ -34,6 +34,8 @@ log = logging.getLogger("callvault.mcp.session")
 
 PART_SUFFIX = ".wav.part"
 SIDECAR_SUFFIX = ".json"
+ENCRYPTED_SUFFIX = ".wav.enc"  # the encrypted copy of a finished recording, waiting for upload
+BAD_DIR = "bad"  # corrupt spool entries, set aside for an operator with a <name>.reason file
 
 
 class State(enum.Enum):
@@ -195,38 +197,86 @@ class Leftover:
     codec: str
     mcp: str
     wav: WavInfo | None
+    #: The whole sidecar: a finished recording's carries "state": "pending" with its end, engine
+    #: stats, DTMF and (when encrypted) the envelope's metadata (server.py, ``_store``).
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def end(self) -> datetime:
         return self.opened + timedelta(seconds=self.wav.duration if self.wav else 0.0)
 
 
+def set_aside(spool: Path, names: list[str], reason: str) -> Path:
+    """Move the spool files ``names`` (those that exist) to ``<spool>/bad/`` with a ``.reason``
+    file beside the first one, and log it (blocking). A corrupt entry never blocks the others."""
+    bad = spool / BAD_DIR
+    bad.mkdir(exist_ok=True)
+    moved: list[str] = []
+    for name in names:
+        try:
+            os.replace(spool / name, bad / name)
+        except FileNotFoundError:
+            continue
+        moved.append(name)
+    first = names[0] if names else "entry"
+    (bad / f"{first}.reason").write_text(reason + "\n", encoding="utf-8")
+    fsync_dir(bad)
+    fsync_dir(spool)
+    log.error("spool: %s set aside in %s: %s", ", ".join(moved) or first, bad, reason)
+    return bad
+
+
 def find_leftovers(spool: Path) -> list[Leftover]:
-    """Sidecars left in the spool by a previous run (blocking). Unreadable ones are logged and left."""
+    """Recordings left in the spool by a previous run (blocking).
+
+    Corrupt entries are set aside in ``<spool>/bad/`` with the reason (:func:`set_aside`): an
+    unreadable sidecar, a recording still in progress whose audio is missing or not a WAV file, and
+    audio files without a sidecar.
+    """
     out: list[Leftover] = []
     if not spool.is_dir():
         return out
+    claimed: set[str] = set()
     for side in sorted(spool.glob(f"*{SIDECAR_SUFFIX}")):
         if side.name.startswith("."):
             continue
         rid = side.name[: -len(SIDECAR_SUFFIX)]
         part = spool / f"{rid}{PART_SUFFIX}"
+        files = [side.name, part.name, f"{rid}{ENCRYPTED_SUFFIX}"]
+        claimed.update(files)
         try:
             data = json.loads(side.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"not a JSON object but {type(data).__name__}")
             bridge = bridge_from_sidecar(data)
             opened = datetime.fromisoformat(str(data["opened"]))
             if opened.tzinfo is None:
                 opened = opened.replace(tzinfo=UTC)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("spool: sidecar %s is unreadable (%s); left for an operator", side, exc)
+            set_aside(spool, files, f"sidecar {side.name} is unreadable: {exc}")
             continue
+        pending = data.get("state") == "pending"
         wav = None
         if part.exists():
             try:
                 wav = repair_wav(part)
             except OSError as exc:
                 log.error("spool: could not repair %s: %s", part, exc)
+            if wav is None:
+                set_aside(spool, files, f"{part.name} is not a WAV file (truncated or corrupt header)")
+                continue
+        elif not pending:
+            set_aside(spool, files, f"{part.name} is missing: the recording's audio is lost")
+            continue
         out.append(
-            Leftover(rid, part, bridge, opened, str(data.get("codec", "")), str(data.get("mcp", "")), wav)
+            Leftover(
+                rid, part, bridge, opened, str(data.get("codec", "")), str(data.get("mcp", "")), wav, data
+            )
         )
+    for entry in sorted(spool.iterdir()):
+        name = entry.name
+        if name in claimed or not entry.is_file() or name.startswith("."):
+            continue
+        if name.endswith((PART_SUFFIX, ENCRYPTED_SUFFIX)):
+            set_aside(spool, [name], f"{name} has no sidecar: its recording cannot be identified")
     return out

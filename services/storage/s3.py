@@ -153,7 +153,7 @@ class S3Client:
                     s = self.settings
                     config = Config(
                         s3={"addressing_style": "path"},
-                        retries={"max_attempts": 1, "mode": "standard"},  # we retry, with logging
+                        retries={"total_max_attempts": 1, "mode": "standard"},  # we retry, with logging
                         connect_timeout=min(10.0, s.timeout),
                         read_timeout=s.timeout,
                         request_checksum_calculation="when_required",
