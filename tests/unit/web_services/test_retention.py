@@ -189,3 +189,47 @@ async def test_audio_that_cannot_be_deleted_keeps_its_metadata(
     report = await RetentionJob(config, store, broken).run_once(NOW)
     assert report.failed == {"acme": ["a-s3"]}
     assert [d["id"] for d in (await store.search("acme", SearchFilters())).items] == ["a-s3"]
+
+
+async def test_web_services_daemon_runs_the_job(tmp_path: Path, make_doc: DocFactory) -> None:
+    """The daemon purges on its own every retention_interval, and keeps serving meanwhile."""
+    import socket
+
+    from services.web_services import daemon as ws_daemon
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = config_mod.from_dict(
+        {
+            "storage": {"disk_root": "storage"},
+            "web_services": {"port": port, "database": "meta.sqlite3", "retention_interval": 0.2},
+            "tenants": [
+                {"id": "acme", "api_key": "acme-api-key-0123456789", "retention": [{"max_age_days": 30}]}
+            ],
+        },
+        base_dir=str(tmp_path),
+        environ={},
+    )
+    store = SqliteMetadataStore(config.path("meta.sqlite3"))
+    await store.open()
+    disk = DiskWriter(config.path("storage"))
+    now = datetime.now(UTC)
+    old = await add(store, disk, make_doc, "old", "acme", (NOW - now).total_seconds() / 86400 + 31)
+    young = await add(store, disk, make_doc, "young", "acme", (NOW - now).total_seconds() / 86400 + 1)
+    ready = asyncio.Event()
+    task = asyncio.create_task(ws_daemon.run(config, ready=ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        for _ in range(100):
+            if await store.get("acme", "old") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.get("acme", "old") is None
+        assert not disk.path(old["storage"]["key"]).exists()
+        assert await store.get("acme", "young") == young
+        assert [e["recording"] for e in await store.audit_entries("acme")] == ["old"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.close()
