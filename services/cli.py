@@ -5,6 +5,7 @@
     callvault mcp                 --config FILE --name mcp1
     callvault recording-processor --config FILE
     callvault web-services        --config FILE
+    callvault crypto-server       --config FILE [--set crypto_server.port=8091]
     callvault lab [--var DIR] [--fresh]       # everything on loopback, in the foreground
     callvault check-config --config FILE
 
@@ -32,6 +33,7 @@ DAEMONS: dict[str, str] = {
     "mcp": "services.mcp.daemon",
     "recording-processor": "services.recording_processor.daemon",
     "web-services": "services.web_services.daemon",
+    "crypto-server": "services.crypto_server.daemon",
 }
 
 READY_MARK = "callvault: ready"
@@ -109,6 +111,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
         uvloop.run(_supervise(module.run, cfg, args.name, label))
     except KeyboardInterrupt:
         return 130
+    except config_mod.ConfigError as exc:  # found while starting (e.g. an unsafe keystore)
+        print(f"callvault: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

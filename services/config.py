@@ -615,7 +615,14 @@ def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-_SECTIONS = ("sip_server", "resource_manager", "storage", "web_services", "recording_processor", "crypto_server")
+_SECTIONS = (
+    "sip_server",
+    "resource_manager",
+    "storage",
+    "web_services",
+    "recording_processor",
+    "crypto_server",
+)
 
 
 def from_dict(

@@ -26,9 +26,11 @@ from multidict import MultiMapping
 
 from services.config import ClusterConfig, Tenant
 from services.storage.disk import DiskWriter, StorageKeyError
+from services.storage.envelope import EnvelopeError
 from services.storage.metadata import DocumentError, format_time, parse_time, validate_document
 from services.web_services import openapi
 from services.web_services.audio import AudioUnavailable, open_audio
+from services.web_services.crypto_client import CryptoClient
 from services.web_services.ranges import RangeNotSatisfiable, content_range, parse_range
 from services.web_services.signing import UrlSigner, signing_key
 from services.web_services.store import (
@@ -209,6 +211,7 @@ class Api:
         self.disk = DiskWriter(config.path(config.storage.disk_root))
         self.signer = UrlSigner(signing_key(ws.url_signing_key, ws.internal_token), ws.signed_url_ttl)
         self._openapi = json.dumps(openapi.document(), indent=1).encode()
+        self.crypto = CryptoClient(config.crypto_server, requester=f"web-services {ws.host}:{ws.port}")
 
     # ------------------------------------------------------------------ helpers
     def tenant(self, request: web.Request) -> Tenant:
@@ -300,7 +303,7 @@ class Api:
             _single_params(request.query, ())
         doc = await self.recording(tenant_id, request)
         try:
-            src = await open_audio(doc, self.disk)
+            src = await open_audio(doc, self.disk, self.crypto)
         except AudioUnavailable as exc:
             if exc.status >= 500:
                 log.error("audio of %s unavailable: %s", doc["id"], exc)
@@ -344,6 +347,12 @@ class Api:
                         await response.write(chunk)
             except (ConnectionResetError, ConnectionError):
                 log.debug("client went away while streaming %s", doc["id"])
+                return response
+            except EnvelopeError as exc:
+                # the status line is gone: cutting the connection short is the only signal left
+                log.error("recording %s: %s; the response is cut short", doc["id"], exc)
+                if request.transport is not None:
+                    request.transport.close()
                 return response
         await response.write_eof()
         return response
@@ -390,6 +399,11 @@ def create_app(config: ClusterConfig, store: MetadataStore) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
     app.on_response_prepare.append(_security_headers)
     api = Api(config, store)
+
+    async def close_crypto(_app: web.Application) -> None:
+        await api.crypto.close()
+
+    app.on_cleanup.append(close_crypto)
     r = app.router
     r.add_get("/healthz", api.healthz)
     r.add_get(f"{API}/openapi.json", api.openapi)

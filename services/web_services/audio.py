@@ -11,9 +11,12 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from services.storage.disk import DiskWriter
+
+if TYPE_CHECKING:
+    from services.web_services.crypto_client import CryptoClient
 
 CHUNK = 256 * 1024
 
@@ -72,12 +75,14 @@ def _close_opened(task: asyncio.Future[Any]) -> None:
         task.result().close()
 
 
-async def open_audio(doc: dict[str, Any], disk: DiskWriter) -> AudioSource:
-    """The audio of a metadata document; raises AudioUnavailable."""
+async def open_audio(doc: dict[str, Any], disk: DiskWriter, crypto: CryptoClient | None = None) -> AudioSource:
+    """The audio of a metadata document; raises AudioUnavailable.
+
+    A document with ``encryption`` is played through the Crypto Server (``crypto``): the stored
+    object is wrapped in a decrypting source (services/web_services/decrypting.py).
+    """
     storage = doc.get("storage") or {}
     content_type = CONTENT_TYPES.get(doc.get("format", "wav"), "application/octet-stream")
-    if doc.get("encryption"):
-        raise AudioUnavailable(501, "not_implemented", "encrypted playback is not available yet")
     if storage.get("kind") != "disk":
         raise AudioUnavailable(
             501, "not_implemented", f"playback from {storage.get('kind')!r} storage is not available"
@@ -89,4 +94,9 @@ async def open_audio(doc: dict[str, Any], disk: DiskWriter) -> AudioSource:
         raise AudioUnavailable(
             404, "audio_missing", "the recording's audio file is missing from storage"
         ) from None
-    return DiskAudio(path, st.st_size, content_type)
+    raw = DiskAudio(path, st.st_size, content_type)
+    if doc.get("encryption"):
+        from services.web_services.decrypting import open_encrypted
+
+        return await open_encrypted(raw, doc, crypto, content_type)
+    return raw
