@@ -346,7 +346,9 @@ class WebServicesConfig:
         from services.web_services import store_cassandra as sc
 
         if not self.cassandra_contact_points:
-            raise ConfigError(f"{where}.cassandra_contact_points must not be empty when backend is 'cassandra'")
+            raise ConfigError(
+                f"{where}.cassandra_contact_points must not be empty when backend is 'cassandra'"
+            )
         checks: list[tuple[str, Any]] = [
             ("cassandra_keyspace", lambda: sc.check_keyspace(self.cassandra_keyspace)),
             ("cassandra_replication", lambda: sc.parse_replication(self.cassandra_replication)),
@@ -377,12 +379,34 @@ class RecordingProcessorConfig:
     """Consumes the recording-event queue and posts metadata to Web Services."""
 
     web_services_url: str = "http://127.0.0.1:8080"
+    #: further Web Services instances: when the current one is unreachable or answers 5xx the next
+    #: one is tried at once (N+1 without a load balancer); events wait only while all are down
+    web_services_urls: list[str] = field(default_factory=list)
+    #: "active" processors all consume (active/active); a "backup" consumes only while no active
+    #: processor of this host is alive (they hold <queue_dir>/.active.lock shared)
+    role: str = "active"
     poll_interval: float = 0.2
     # a claimed event not acknowledged after this long (its processor died) goes back to the queue
     claim_timeout: float = 60.0
     # retry delay when Web Services is unreachable: poll_interval doubling up to max_backoff
     max_backoff: float = 5.0
     request_timeout: float = 10.0
+
+    def validate(self, where: str) -> None:
+        if self.role not in ("active", "backup"):
+            raise ConfigError(f"{where}.role must be 'active' or 'backup', not {self.role!r}")
+        for i, url in enumerate([self.web_services_url, *self.web_services_urls]):
+            if not re.fullmatch(r"https?://[^/\s]+/?", url):
+                name = "web_services_url" if i == 0 else f"web_services_urls[{i - 1}]"
+                raise ConfigError(f"{where}.{name} must be http(s)://host:port, not {url!r}")
+
+    def urls(self) -> list[str]:
+        """The Web Services base URLs, in the order they are tried."""
+        out: list[str] = []
+        for url in (self.web_services_url, *self.web_services_urls):
+            if url.rstrip("/") not in out:
+                out.append(url.rstrip("/"))
+        return out
 
 
 @dataclass
@@ -444,6 +468,7 @@ class ClusterConfig:
         self.resource_manager.validate("resource_manager")
         self.sip_server.validate("sip_server")
         self.web_services.validate("web_services")
+        self.recording_processor.validate("recording_processor")
         self.storage.validate("storage")
         self.crypto_server.validate("crypto_server")
         names: set[str] = set()

@@ -15,6 +15,11 @@ response            what happens to the event
 5xx, no connection  returned to the queue, retried with backoff (Web Services is down)
 ==================  =====================================================================
 
+Several Web Services instances (``web_services_url`` + ``web_services_urls``): a connection failure
+or a 5xx moves on to the next instance at once; only when every instance fails does the event wait.
+Roles: every ``active`` processor consumes (active/active); a ``backup`` consumes only while no
+active processor of the host is alive (:class:`ActiveGate`).
+
 Backoff starts at ``poll_interval`` and doubles up to ``max_backoff``. Claims of a processor that
 died are returned to the queue by any processor after ``claim_timeout``; a processor returns its own
 claims at start-up and on shutdown. Posting is idempotent by recording id, so the rare duplicate post
@@ -25,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import json
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +108,51 @@ def local_consumer_dead(consumer: str) -> bool:
     return False
 
 
+class ActiveGate:
+    """Active/backup among the processors of one host, by ``flock`` on ``<queue_dir>/.active.lock``.
+
+    Active processors hold the lock shared for their lifetime; a backup consumes only while it could
+    take it exclusively, i.e. while no active processor is alive (the kernel drops the lock of a
+    killed process at once). A backup that sees an active come back stands by again; in between both
+    may consume, which the claims make safe. Works on a local file system (flock).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".active.lock"
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def hold_shared(self) -> None:
+        """Mark this process active (blocking: call it in a thread)."""
+        fd = self._open()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # a backup is checking right now
+                time.sleep(0.01)
+        self._fd = fd
+
+    def no_active(self) -> bool:
+        """True when no active processor holds the lock (blocking: call it in a thread)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing drops the lock
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class RecordingProcessor:
     """One consumer of the event queue."""
 
@@ -110,17 +161,26 @@ class RecordingProcessor:
         queue: EventQueue,
         session: aiohttp.ClientSession,
         *,
-        url: str,
+        url: str | Sequence[str],
         token: str,
         consumer: str,
         poll_interval: float = 0.2,
         max_backoff: float = 5.0,
         claim_timeout: float = 60.0,
         disk: DiskWriter | None = None,
+        role: str = "active",
     ) -> None:
+        if role not in ("active", "backup"):
+            raise ValueError(f"role must be 'active' or 'backup', not {role!r}")
+        self.role = role
+        self.gate = ActiveGate(queue.directory)
         self.queue = queue
         self.session = session
-        self.url = url.rstrip("/") + INTERNAL_PATH
+        bases = [url] if isinstance(url, str) else list(url)
+        if not bases:
+            raise ValueError("at least one Web Services URL is needed")
+        self.urls = [u.rstrip("/") + INTERNAL_PATH for u in bases]
+        self.current = 0
         self.token = token
         self.consumer = consumer
         self.poll_interval = poll_interval
@@ -131,15 +191,34 @@ class RecordingProcessor:
         self.down_since: float | None = None
         self.delivered = 0
 
+    @property
+    def url(self) -> str:
+        """The Web Services instance posted to now."""
+        return self.urls[self.current]
+
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Consume until cancelled; own claims go back to the queue on the way out."""
         await self.queue.release(self.consumer)
+        if self.role == "active":
+            await asyncio.to_thread(self.gate.hold_shared)
         if ready is not None:
             ready()
         next_stale = 0.0
         next_purge = 0.0
+        standing_by = False
         try:
             while True:
+                if self.role == "backup":
+                    idle = not await asyncio.to_thread(self.gate.no_active)
+                    if idle != standing_by:
+                        standing_by = idle
+                        if idle:
+                            log.info("backup: an active processor is alive; standing by")
+                        else:
+                            log.warning("backup: no active processor is alive; consuming the queue")
+                    if idle:
+                        await asyncio.sleep(self.poll_interval)
+                        continue
                 now = time.monotonic()
                 if now >= next_stale:
                     await self.queue.release_stale(self.claim_timeout, local_consumer_dead)
@@ -156,6 +235,7 @@ class RecordingProcessor:
         finally:
             # in-flight event (if any) goes back; another processor, or our next life, posts it
             await asyncio.shield(self.queue.release(self.consumer))
+            self.gate.release()
 
     async def process_pending(self) -> Outcome:
         """Deliver the pending events, oldest first; stop at the first one that must be retried."""
@@ -187,14 +267,28 @@ class RecordingProcessor:
             await self.queue.reject(path, f"invalid recording event: {exc}")
             return Outcome.DONE
         await self._check_audio(doc)
-        try:
-            async with self.session.post(
-                self.url, json=doc, headers={"Authorization": f"Bearer {self.token}"}
-            ) as resp:
-                status = resp.status
-                body = await resp.text()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self._down(f"{type(exc).__name__}: {exc}")
+        # each instance once, starting with the current one; the first that answers below 500 keeps us
+        for _ in range(len(self.urls)):
+            url = self.url
+            try:
+                async with self.session.post(
+                    url, json=doc, headers={"Authorization": f"Bearer {self.token}"}
+                ) as resp:
+                    status = resp.status
+                    body = await resp.text()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            else:
+                if status < 500:
+                    break
+                why = f"HTTP {status}: {_msg(body)}"
+            if len(self.urls) == 1:
+                self._down(why)
+                return Outcome.RETRY
+            self.current = (self.current + 1) % len(self.urls)
+            log.warning("Web Services %s unavailable (%s); switching to %s", url, why, self.url)
+        else:
+            self._down("every instance failed")
             return Outcome.RETRY
         rid = doc["id"]
         if 200 <= status < 300:
@@ -211,16 +305,14 @@ class RecordingProcessor:
         if status in (400, 413, 422):
             await self.queue.reject(path, f"Web Services refused it with {status}: {_msg(body)}")
             return Outcome.DONE
-        if 400 <= status < 500:
-            log.error(
-                "recording %s: Web Services answered %d (%s); check the configuration, retrying",
-                rid,
-                status,
-                _msg(body),
-            )
-            self._down(f"HTTP {status}", quiet=True)
-            return Outcome.RETRY
-        self._down(f"HTTP {status}: {_msg(body)}")
+        # another 4xx: a configuration problem (token, tenant), not a document problem
+        log.error(
+            "recording %s: Web Services answered %d (%s); check the configuration, retrying",
+            rid,
+            status,
+            _msg(body),
+        )
+        self._down(f"HTTP {status}", quiet=True)
         return Outcome.RETRY
 
     def _down(self, why: str, quiet: bool = False) -> None:
@@ -257,7 +349,7 @@ def _msg(body: str) -> str:
 async def run(
     config: ClusterConfig, *, name: str | None = None, ready: Callable[[], None] | None = None
 ) -> None:
-    """Consume ``storage.queue_dir`` and post to ``recording_processor.web_services_url`` until cancelled."""
+    """Consume ``storage.queue_dir`` and post to the ``recording_processor`` URLs until cancelled."""
     rp = config.recording_processor
     token = config.web_services.internal_token
     if not token:
@@ -269,13 +361,20 @@ async def run(
         processor = RecordingProcessor(
             queue,
             session,
-            url=rp.web_services_url,
+            url=rp.urls(),
             token=token,
             consumer=consumer,
             poll_interval=rp.poll_interval,
             max_backoff=rp.max_backoff,
             claim_timeout=rp.claim_timeout,
             disk=DiskWriter(config.path(config.storage.disk_root)),
+            role=rp.role,
         )
-        log.info("Recording Processor %s: queue %s -> %s", consumer, queue.directory, processor.url)
+        log.info(
+            "Recording Processor %s (%s): queue %s -> %s",
+            consumer,
+            rp.role,
+            queue.directory,
+            ", ".join(processor.urls),
+        )
         await processor.run(ready)

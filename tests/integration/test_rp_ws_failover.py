@@ -307,3 +307,51 @@ async def _count_is(session: aiohttp.ClientSession, port: int, n: int) -> bool:
         return len(await list_ids(session, port)) == n
     except aiohttp.ClientError:
         return False
+
+
+async def test_processor_fails_over_between_web_services_instances(cluster: Cluster) -> None:
+    """With both instances in its list, a processor moves to the survivor at once; only when every
+    instance is down do events wait."""
+    ws = [cluster.web_services(0), cluster.web_services(1)]
+    other = f"recording_processor.web_services_urls=http://127.0.0.1:{cluster.ws_ports[1]}"
+    cluster.start("rp", "recording-processor", "--set", other)
+    events = [await cluster.record(seconds=0.05) for _ in range(20)]
+    async with aiohttp.ClientSession() as session:
+        await wait_for(lambda: _count_is(session, cluster.ws_ports[1], 20), 20, "the first recordings")
+        cluster.kill(ws[0])
+        events += [await cluster.record(seconds=0.05) for _ in range(20)]
+        await wait_for(
+            lambda: _count_is(session, cluster.ws_ports[1], 40), 20, "the recordings after the kill"
+        )
+        assert cluster.pending() == 0
+        log = (cluster.tmp / "log" / "rp.log").read_text()
+        assert f"switching to http://127.0.0.1:{cluster.ws_ports[1]}" in log
+        # every instance down: events wait in the queue, then arrive when one is back
+        cluster.kill(ws[1])
+        late = [await cluster.record(seconds=0.05) for _ in range(5)]
+        await asyncio.sleep(1.0)
+        assert cluster.pending() == 5
+        cluster.web_services(0)
+        await wait_for(lambda: _count_is(session, cluster.ws_ports[0], 45), 20, "the late recordings")
+        ids = await list_ids(session, cluster.ws_ports[0])
+    assert sorted(ids) == sorted(e["id"] for e in [*events, *late])
+
+
+async def test_backup_processor_takes_over_from_a_killed_active_one(cluster: Cluster) -> None:
+    cluster.web_services(0)
+    active = cluster.start("rp-active", "recording-processor")
+    cluster.start("rp-backup", "recording-processor", "--set", "recording_processor.role=backup")
+    first = [await cluster.record(seconds=0.05) for _ in range(20)]
+    async with aiohttp.ClientSession() as session:
+        await wait_for(lambda: _count_is(session, cluster.ws_ports[0], 20), 20, "the first recordings")
+        assert len(cluster.posted("rp-active", 201)) == 20
+        assert cluster.posted("rp-backup", 201) == []  # stood by while the active one lived
+        cluster.kill(active)
+        second = [await cluster.record(seconds=0.05) for _ in range(20)]
+        await wait_for(
+            lambda: _count_is(session, cluster.ws_ports[0], 40), 20, "the recordings after the kill"
+        )
+        ids = await list_ids(session, cluster.ws_ports[0])
+    assert sorted(ids) == sorted(e["id"] for e in [*first, *second])
+    assert sorted(cluster.posted("rp-backup", 201)) == sorted(e["id"] for e in second)
+    assert "no active processor is alive" in (cluster.tmp / "log" / "rp-backup.log").read_text()
