@@ -1,0 +1,210 @@
+"""Two HA nodes in one process on loopback (issue 5): takeover after a crash serves the replicated
+calls consistently (a re-sent re-INVITE or BYE the dead active already handled), and two actives
+that meet after a partition keep exactly one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.config import ClusterConfig, ConfigError
+from services.sip.dialog import Dialog
+from services.sip.message import Request, Response
+from services.sip_server.daemon import SipServer
+from services.sip_server.ha import HaNode
+from services.sip_server.replication import NodeState
+from tests.helpers.sipp import free_tcp_port as free_port  # UDP+TCP, below the ephemeral range
+from tests.integration.sip_ua import FAST, Phone, phone_sdp
+from tests.integration.test_sip_server import PASSWORDS, FakeBridge, make_config, wait_for
+
+HB = {"heartbeat_interval": 0.05, "heartbeat_misses": 3}
+
+
+def node_config(rm_port: int, sip_port: int, me: int, peer: int, name: str, role: str) -> ClusterConfig:
+    cfg = make_config(rm_port, **HB)
+    s = cfg.sip_server
+    s.port, s.replication_port, s.peer, s.node_name, s.role = sip_port, me, f"127.0.0.1:{peer}", name, role
+    return cfg
+
+
+class Node:
+    """An HaNode run as a task, which a test can crash (no BYEs, sockets gone) like kill -9."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.ha = HaNode(cfg, server_factory=lambda c: SipServer(c, timers=FAST))
+        self.task = asyncio.ensure_future(self.ha.run())
+
+    async def crash(self) -> None:
+        server, self.ha.server = self.ha.server, None
+        if server is not None:
+            await server.abandon()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def stop(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+@contextlib.asynccontextmanager
+async def pair() -> AsyncIterator[tuple[Node, Node, FakeBridge, int]]:
+    bridge = FakeBridge()
+    await bridge.ep.start()
+    sip, ra, rb = free_port(), free_port(), free_port()
+    a = Node(node_config(bridge.ep.port, sip, ra, rb, "node-a", "primary"))
+    nodes = [a]
+    try:
+        await wait_for(lambda: a.ha.state == NodeState.ACTIVE)
+        b = Node(node_config(bridge.ep.port, sip, rb, ra, "node-b", "standby"))
+        nodes.append(b)
+        await wait_for(lambda: b.ha.replica.synced)
+        yield a, b, bridge, sip
+    finally:
+        for n in nodes:
+            await n.stop()
+        await bridge.ep.close()
+
+
+async def phone(user: str, sip: int) -> Phone:
+    domain = "rec.test" if user.startswith("2") else "lab.test"
+    p = await Phone(user, PASSWORDS[user], ("127.0.0.1", sip), domain).start()
+    assert (await p.register()).status == 200
+    return p
+
+
+async def send(p: Phone, req: Request) -> Response:
+    """Send an in-dialog request (a copy: the caller may send the same one again), ACK a 2xx INVITE."""
+    out = req.copy()
+    resp = await p.ep.request(out, p.server)
+    if req.method == "INVITE" and 200 <= resp.status < 300:
+        dialog = p.dialogs[(req.call_id, req.from_.tag or "")]
+        p.ep.send_ack(dialog.create_ack(req), p.server)
+    return resp
+
+
+def in_dialog(p: Phone, dialog: Dialog, method: str, body: bytes = b"") -> Request:
+    req = dialog.create_request(method, body=body, content_type="application/sdp" if body else None)
+    if method == "INVITE":
+        req.headers.add("Contact", f"<{p.contact}>")
+    return req
+
+
+async def call(caller: Phone, callee: Phone) -> tuple[Dialog, Dialog]:
+    out = await caller.call(callee.user)
+    inc = await callee.next_call()
+    assert await inc.answer() is not None
+    assert (await out.final()).status == 200
+    assert out.dialog is not None and inc.dialog is not None
+    return out.dialog, inc.dialog
+
+
+async def test_takeover_serves_replicated_calls_consistently(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with pair() as (a, b, bridge, sip):
+        p2001, p2002, p1001, p1002 = [await phone(u, sip) for u in ("2001", "2002", "1001", "1002")]
+        rec_a, rec_b = await call(p2001, p2002)  # recorded: three dialogs
+        plain_a, _ = await call(p1001, p1002)  # not recorded
+        assert len(bridge.invites) >= 2  # bridge INVITE and its re-INVITE with B's media
+        # hold from 2001, then 1001 hangs up: both handled by the active, replicated
+        hold = in_dialog(p2001, rec_a, "INVITE", phone_sdp(p2001.rtp_port, version=2, direction="sendonly"))
+        first = await send(p2001, hold)
+        assert first.status == 200
+        bye = in_dialog(p1001, plain_a, "BYE")
+        assert (await send(p1001, bye)).status == 200
+        await p1002.next_request()  # the BYE relayed to 1002
+        await wait_for(lambda: len(b.ha.replica.calls) == 1 and len(b.ha.replica.ended) >= 2)
+        assert b.ha.replica.bindings.count() == 4
+
+        await a.crash()
+        await wait_for(lambda: b.ha.state == NodeState.ACTIVE, 3.0)
+        assert "HA: taking over (the active peer is dead)" in caplog.text
+        server = b.ha.server
+        assert server is not None and len(server.b2bua.calls) == 1
+
+        # the re-INVITE sent again with the CSeq the replica saw: the same answer, not 500
+        again = await send(p2001, hold)
+        assert again.status == 200 and again.body == first.body
+        # the BYE sent again for the call the old active ended: 200, not 481
+        assert (await send(p1001, bye)).status == 200
+        # session refresh from the callee, then its BYE: ends every leg, the bridge's too
+        refresh = in_dialog(p2002, rec_b, "UPDATE")
+        assert (await send(p2002, refresh)).status == 200
+        assert (await send(p2002, in_dialog(p2002, rec_b, "BYE"))).status == 200
+        got = await p2001.next_request()
+        while got.method != "BYE":
+            got = await p2001.next_request()
+        mcp_bye = await asyncio.wait_for(bridge.byes.get(), 5.0)
+        # our CSeq on the bridge leg jumped past anything the dead active may have sent
+        assert mcp_bye.cseq.seq > 100
+        await wait_for(lambda: not server.b2bua.calls)
+        # new calls work through the new active
+        new_a, _ = await call(p1001, p1002)
+        assert (await send(p1001, in_dialog(p1001, new_a, "BYE"))).status == 200
+        for p in (p2001, p2002, p1001, p1002):
+            await p.close()
+
+
+async def test_restarted_primary_joins_the_new_active_as_standby() -> None:
+    async with pair() as (a, b, _bridge, sip):
+        p1001, p1002 = await phone("1001", sip), await phone("1002", sip)
+        dialog, _ = await call(p1001, p1002)
+        await a.crash()
+        await wait_for(lambda: b.ha.state == NodeState.ACTIVE, 3.0)
+        cfg = a.ha.config
+        again = Node(cfg)
+        try:
+            await wait_for(lambda: again.ha.replica.synced, 3.0)
+            assert again.ha.state == NodeState.STANDBY and b.ha.state == NodeState.ACTIVE
+            assert len(again.ha.replica.calls) == 1 and again.ha.replica.epoch == b.ha.epoch == 2
+            assert (await send(p1001, in_dialog(p1001, dialog, "BYE"))).status == 200
+            await wait_for(lambda: not again.ha.replica.calls)  # the end replicated too
+        finally:
+            await again.stop()
+            await p1001.close()
+            await p1002.close()
+
+
+async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Each node alone (peer unreachable) becomes active on its own SIP address; once they can reach
+    each other, exactly one stays active and the other yields, resynchronised from the winner."""
+    bridge = FakeBridge()
+    await bridge.ep.start()
+    ra, rb, nowhere = free_port(), free_port(), free_port()
+    a = Node(node_config(bridge.ep.port, free_port(), ra, nowhere, "node-a", "standby"))
+    b = Node(node_config(bridge.ep.port, free_port(), rb, nowhere, "node-b", "primary"))
+    try:
+        await wait_for(lambda: a.ha.state == b.ha.state == NodeState.ACTIVE, 3.0)
+        assert a.ha.server is not None and b.ha.server is not None
+        p1001 = await phone("1001", b.ha.server.port)
+        # the partition heals: each can now reach the other
+        for node, peer in ((a, rb), (b, ra)):
+            node.ha.peer_addr = ("127.0.0.1", peer)
+            node.ha.dialler = (node.ha.sip.replication_host, node.ha.sip.replication_port) < node.ha.peer_addr
+        await wait_for(lambda: NodeState.STANDBY in (a.ha.state, b.ha.state), 3.0)
+        await wait_for(lambda: a.ha.replica.synced, 3.0)
+        # same epoch: the primary (higher priority) stays, the standby-by-configuration yields
+        assert b.ha.state == NodeState.ACTIVE and a.ha.state == NodeState.STANDBY
+        assert a.ha.server is None
+        assert "split brain" in caplog.text and "node-a yields" in caplog.text
+        assert a.ha.replica.bindings.count() == 1
+        await asyncio.sleep(0.3)  # and it stays so
+        assert (a.ha.state, b.ha.state) == (NodeState.STANDBY, NodeState.ACTIVE)
+        await p1001.close()
+    finally:
+        await a.stop()
+        await b.stop()
+        await bridge.ep.close()
+
+
+def test_node_needs_consistent_config() -> None:
+    cfg: Any = make_config(5070, **HB)
+    with pytest.raises(ConfigError, match=r"sip_server\.peer"):
+        HaNode(cfg)
