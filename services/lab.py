@@ -2,7 +2,8 @@
 
 ``callvault lab`` (what ``make run`` runs) writes a cluster configuration into the state directory
 (``var/`` by default) the first time, with a default tenant, its API key and SIP users with random
-passwords, then starts Web Services, the Recording Processor, two MCPs, the Resource Manager and the
+passwords, then starts two Crypto Servers (sharing ``var/keystore``; no tenant is encrypted until
+its IVR Profile names certificates, docs/CRYPTO.md), Web Services, the Recording Processor, two MCPs, the Resource Manager and the
 SIP Server, each as its own ``callvault <daemon>`` process logging to ``var/log/<name>.log``. It
 prints what runs and writes the same as JSON to ``var/lab.json`` for scripts. Ctrl-C stops the
 daemons in reverse order, gracefully; a daemon that dies is restarted.
@@ -44,6 +45,8 @@ class LabPorts:
     rtp_base: int = 20000
     rtp_per_mcp: int = 5000
     web: int = 8080
+    #: the Crypto Server pair (active/active over one keystore directory)
+    crypto: list[int] = field(default_factory=lambda: [8090, 8091])
     #: replication ports of the SIP Server pair (sip-server-a, sip-server-b; docs/HA.md)
     sip_replication: list[int] = field(default_factory=lambda: [5066, 5067])
 
@@ -61,6 +64,7 @@ class LabPorts:
             mcp=ports[5:],
             rtp_base=base,
             rtp_per_mcp=1000,
+            crypto=[_free_port(taken) for _ in range(2)],
         )
 
 
@@ -173,6 +177,14 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
             "internal_token": secrets.token_urlsafe(24),
         },
         "recording_processor": {"web_services_url": f"http://127.0.0.1:{ports.web}"},
+        "crypto_server": {
+            "host": "127.0.0.1",
+            "port": ports.crypto[0],
+            "keystore_dir": "keystore",
+            "internal_token": secrets.token_urlsafe(24),
+            "admin_token": secrets.token_urlsafe(24),
+            "urls": [f"http://127.0.0.1:{p}" for p in ports.crypto],
+        },
         "tenants": [
             {
                 "id": "default",
@@ -196,10 +208,21 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
     }
 
 
+def crypto_server_specs(cfg: config_mod.ClusterConfig) -> list[tuple[str, list[str]]]:
+    """One Crypto Server per URL of ``crypto_server.urls`` (all on this machine), bound to its port."""
+    specs = []
+    for i, url in enumerate(cfg.crypto_server.instance_urls()):
+        host, port = config_mod.parse_hostport(url.split("://", 1)[1], f"crypto_server.urls[{i}]")
+        sets = ["--set", f"crypto_server.host={host}", "--set", f"crypto_server.port={port}"]
+        specs.append((f"crypto-server{i + 1}", ["crypto-server", *sets]))
+    return specs
+
+
 # Start order: consumers of a service come after it; stop runs in reverse.
 def daemon_specs(cfg: config_mod.ClusterConfig) -> list[tuple[str, list[str]]]:
     """(label, callvault arguments) of every daemon of the lab, in start order."""
     specs: list[tuple[str, list[str]]] = [
+        *crypto_server_specs(cfg),
         ("web-services", ["web-services"]),
         ("recording-processor", ["recording-processor"]),
     ]
@@ -447,6 +470,8 @@ class Lab:
                 f"  MCP {m.name:<13} sip:{m.host}:{m.port}  RTP {m.rtp_ip}:{m.rtp_port_min}-{m.rtp_port_max}"
             )
         out.append(f"  Web Services      {info['api']['web']}  (API {info['api']['base_url']})")
+        for url in cfg.crypto_server.instance_urls():
+            out.append(f"  Crypto Server     {url}  keystore {cfg.path(cfg.crypto_server.keystore_dir)}")
         out.append(f"  Storage           {info['storage']}")
         out.append(f"  Logs              {info['logs']}")
         for t in info["tenants"]:
