@@ -172,6 +172,9 @@ class SipServerConfig:
     no_answer_timeout: float = 30.0
     session_expires: int = 1800
     resource_manager: str = "127.0.0.1:5070"
+    #: Several RMs (active/active, docs/HA.md): new recording bridges go to them in turn, and to
+    #: the next one when one does not answer or answers 503. Empty: ``resource_manager`` alone.
+    resource_managers: list[str] = field(default_factory=list)
     #: RFC 4028 Min-SE: the shortest session interval accepted (422 below it).
     min_se: int = 90
     #: How long to wait for the RM/MCP to answer a recording-bridge INVITE before the call goes on
@@ -220,8 +223,23 @@ class SipServerConfig:
 
 
 @dataclass
+class RmInstance:
+    """One RM of an active/active group: its SIP address and its affinity replication port."""
+
+    name: str = "rm1"
+    host: str = "127.0.0.1"
+    port: int = 5070
+    replication_port: int = 5071
+
+
+@dataclass
 class ResourceManagerConfig:
-    """The Resource Manager: stateful proxy in front of the MCPs."""
+    """The Resource Manager: stateful proxy in front of the MCPs.
+
+    With ``instances`` (two or more), ``callvault resource-manager --name NAME`` runs the named one
+    on its own host/port, replicating the session affinity to the others (docs/HA.md); the other
+    settings here are shared by all of them.
+    """
 
     host: str = "127.0.0.1"
     port: int = 5070
@@ -236,8 +254,32 @@ class ResourceManagerConfig:
     retry_after: int = 5
     # Seconds a stopping RM waits for transactions in flight.
     shutdown_timeout: float = 5.0
+    instances: list[RmInstance] = field(default_factory=list)
+    # Seconds a starting RM waits for its peers' affinity snapshots before it reports ready.
+    sync_timeout: float = 3.0
+
+    def instance(self, name: str | None) -> RmInstance | None:
+        """The named instance (the first one for None); None when no instances are configured."""
+        if not self.instances:
+            return None
+        if name is None:
+            return self.instances[0]
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        known = ", ".join(i.name for i in self.instances)
+        raise ConfigError(f"resource_manager.instances: no RM named {name!r} (known: {known})")
 
     def validate(self, where: str) -> None:
+        names: set[str] = set()
+        for i, inst in enumerate(self.instances):
+            if inst.name in names:
+                raise ConfigError(f"{where}.instances[{i}].name {inst.name!r} is used twice")
+            names.add(inst.name)
+            if not 0 < inst.replication_port < 65536:
+                raise ConfigError(f"{where}.instances[{i}].replication_port is out of range")
+        if self.sync_timeout < 0:
+            raise ConfigError(f"{where}.sync_timeout must not be negative")
         if self.options_interval <= 0:
             raise ConfigError(f"{where}.options_interval must be positive")
         if self.failures_before_down < 1:
@@ -499,6 +541,8 @@ class ClusterConfig:
                     )
                 domains[domain] = tenant.id
         _parse_hostport(self.sip_server.resource_manager, "sip_server.resource_manager")
+        for i, rm in enumerate(self.sip_server.resource_managers):
+            _parse_hostport(rm, f"sip_server.resource_managers[{i}]")
 
     # Look-ups shared by the daemons.
     def tenant(self, tenant_id: str) -> Tenant | None:

@@ -49,19 +49,24 @@ class LabPorts:
     crypto: list[int] = field(default_factory=lambda: [8090, 8091])
     #: replication ports of the SIP Server pair (sip-server-a, sip-server-b; docs/HA.md)
     sip_replication: list[int] = field(default_factory=lambda: [5066, 5067])
+    #: the second RM of the active/active pair, and both RMs' affinity replication ports
+    rm2: int = 5072
+    rm_replication: list[int] = field(default_factory=lambda: [5071, 5073])
 
     @classmethod
     def free(cls, mcps: int = 2) -> LabPorts:
         """Pick ports that are free on 127.0.0.1 now (UDP and TCP), for tests that run a lab."""
         taken: set[int] = set()
-        ports = [_free_port(taken) for _ in range(5 + mcps)]
+        ports = [_free_port(taken) for _ in range(8 + mcps)]
         base = 30000 + secrets.randbelow(200) * 100
         return cls(
             sip=ports[0],
             resource_manager=ports[1],
             web=ports[2],
             sip_replication=ports[3:5],
-            mcp=ports[5:],
+            rm2=ports[5],
+            rm_replication=ports[6:8],
+            mcp=ports[8:],
             rtp_base=base,
             rtp_per_mcp=1000,
             crypto=[_free_port(taken) for _ in range(2)],
@@ -152,11 +157,30 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
             "realm": "callvault",
             "nonce_secret": secrets.token_hex(16),
             "resource_manager": f"127.0.0.1:{ports.resource_manager}",
+            "resource_managers": [f"127.0.0.1:{ports.resource_manager}", f"127.0.0.1:{ports.rm2}"],
             # sip-server-a's view of the hot-standby pair; sip-server-b swaps them (daemon_specs)
             "replication_port": ports.sip_replication[0],
             "peer": f"127.0.0.1:{ports.sip_replication[1]}",
         },
-        "resource_manager": {"host": "127.0.0.1", "port": ports.resource_manager},
+        "resource_manager": {
+            "host": "127.0.0.1",
+            "port": ports.resource_manager,
+            # the active/active pair sharing the session affinity (docs/HA.md)
+            "instances": [
+                {
+                    "name": "rm1",
+                    "host": "127.0.0.1",
+                    "port": ports.resource_manager,
+                    "replication_port": ports.rm_replication[0],
+                },
+                {
+                    "name": "rm2",
+                    "host": "127.0.0.1",
+                    "port": ports.rm2,
+                    "replication_port": ports.rm_replication[1],
+                },
+            ],
+        },
         "mcp": [
             {
                 "name": f"mcp{i + 1}",
@@ -227,7 +251,14 @@ def daemon_specs(cfg: config_mod.ClusterConfig) -> list[tuple[str, list[str]]]:
         ("recording-processor", ["recording-processor"]),
     ]
     specs += [(m.name, ["mcp", "--name", m.name]) for m in cfg.mcp]
-    specs += [("resource-manager", ["resource-manager"])]
+    rms = cfg.resource_manager.instances
+    specs += [
+        (
+            "resource-manager" if i == 0 else f"resource-manager-{i + 1}",
+            ["resource-manager", "--name", rm.name],
+        )
+        for i, rm in enumerate(rms)
+    ] or [("resource-manager", ["resource-manager"])]
     sip = cfg.sip_server
     if not sip.replication_port:
         return [*specs, ("sip-server", ["sip-server"])]
@@ -464,7 +495,9 @@ class Lab:
         )
         for label, role in info["sip"].get("servers", {}).items():
             out.append(f"    {label:<15} {role}")
-        out.append(f"  Resource Manager  sip:{cfg.resource_manager.host}:{cfg.resource_manager.port}")
+        rms = [(i.host, i.port, i.name) for i in cfg.resource_manager.instances]
+        for host, port, name in rms or [(cfg.resource_manager.host, cfg.resource_manager.port, "")]:
+            out.append(f"  Resource Manager  sip:{host}:{port}  {name}")
         for m in cfg.mcp:
             out.append(
                 f"  MCP {m.name:<13} sip:{m.host}:{m.port}  RTP {m.rtp_ip}:{m.rtp_port_min}-{m.rtp_port_max}"

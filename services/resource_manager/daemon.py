@@ -23,6 +23,7 @@ from services.sip.uri import SipUri
 from .affinity import AffinityStore, InMemoryAffinityStore
 from .pool import McpNode, McpPool
 from .proxy import Proxy, is_refusal
+from .replication import Peer, Replicator
 
 log = logging.getLogger("callvault.rm")
 
@@ -123,7 +124,9 @@ async def run(
     rm = config.resource_manager
     if not config.mcp:
         log.warning("no [[mcp]] configured: every recording session will be answered 503")
-    endpoint = SipEndpoint(host=rm.host, port=rm.port, name=name or "rm")
+    inst = rm.instance(name)
+    host, port = (inst.host, inst.port) if inst is not None else (rm.host, rm.port)
+    endpoint = SipEndpoint(host=host, port=port, name=name or "rm")
     await endpoint.start()
     pool = McpPool(config.mcp, failures_before_down=rm.failures_before_down)
     proxy = Proxy(config, endpoint, pool, store or InMemoryAffinityStore())
@@ -131,7 +134,20 @@ async def run(
     endpoint.ack_handler = proxy.handle_ack
     prober = HealthProber(endpoint, proxy, rm.options_interval)
     tasks: list[asyncio.Task[None]] = []
+    replicator: Replicator | None = None
     try:
+        if inst is not None and len(rm.instances) > 1:
+            peers = [Peer(i.name, i.host, i.replication_port) for i in rm.instances if i.name != inst.name]
+            replicator = Replicator(
+                inst.name, proxy.store, host=inst.host, port=inst.replication_port, peers=peers
+            )
+            await replicator.start()
+            # A (re)started RM learns the sessions its peers placed before it serves (docs/HA.md).
+            synced = await replicator.wait_synced(rm.sync_timeout)
+            log.info(
+                "affinity: %d session(s) after synchronising with %s", len(proxy.store.entries()),
+                ", ".join(synced) or f"no peer (none answered within {rm.sync_timeout:g} s)",
+            )  # fmt: skip
         await prober.round()
         tasks.append(asyncio.create_task(prober.run(), name="rm-prober"))
         tasks.append(asyncio.create_task(sweep_affinity(proxy.store, rm.affinity_ttl), name="rm-affinity"))
@@ -146,13 +162,19 @@ async def run(
     finally:
         log.info("Resource Manager stopping")
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(_shutdown(proxy, endpoint, tasks, rm.shutdown_timeout))
+            await asyncio.shield(_shutdown(proxy, endpoint, tasks, rm.shutdown_timeout, replicator))
 
 
 async def _shutdown(
-    proxy: Proxy, endpoint: SipEndpoint, tasks: list[asyncio.Task[None]], timeout: float
+    proxy: Proxy,
+    endpoint: SipEndpoint,
+    tasks: list[asyncio.Task[None]],
+    timeout: float,
+    replicator: Replicator | None = None,
 ) -> None:
     await proxy.drain(timeout)
+    if replicator is not None:
+        await replicator.close()
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

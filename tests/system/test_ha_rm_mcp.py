@@ -18,6 +18,11 @@ from typing import Any
 import pytest
 
 from services.lab import Lab, LabPorts
+from services.sdp import SessionDescription
+from services.sip.aio import SipEndpoint
+from services.sip.dialog import Dialog
+from services.sip.message import Request, new_call_id, new_tag
+from services.sip_server.policy import CallInfo, bridge_headers
 from tests.helpers.sipp import Sipp, start_registered_uas
 from tests.system.conftest import LabApi
 
@@ -195,3 +200,103 @@ async def test_mcp_killed_calls_survive_and_recordings_resume(
         f"successful; gap median {gaps[len(gaps) // 2]:.2f} s, max {gaps[-1]:.2f} s "
         f"(killed at {killed_at:.1f})"
     )
+
+
+BRIDGE_SDP = (
+    b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=label:caller\r\n"
+    b"m=audio 9 RTP/AVP 0\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:0 PCMU/8000\r\na=label:callee\r\n"
+)
+
+
+async def _bridge_part(ep: SipEndpoint, rm: tuple[str, int], session: str, part: int) -> tuple[Dialog, int]:
+    """Open part ``part`` of recording session ``session`` through the RM at ``rm`` as the SIP
+    Server would; returns the dialog and the MCP's caller port (which tells the MCP)."""
+    info = CallInfo(f"probe-{session}", "sip:a@x", "", "sip:b@x", "", "a", "b")
+    req = Request("INVITE", f"sip:record@{rm[0]}:{rm[1]}")
+    for name, value in [
+        ("From", f"<sip:sip-server@127.0.0.1:{ep.port}>;tag={new_tag()}"),
+        ("To", f"<sip:record@{rm[0]}:{rm[1]}>"),
+        ("Call-ID", new_call_id("probe")),
+        ("CSeq", "1 INVITE"),
+        ("Contact", f"<{ep.contact_uri('sip-server')}>"),
+        *bridge_headers("default", session, part, info),
+        ("Content-Type", "application/sdp"),
+    ]:
+        req.headers.add(name, value)
+    req.body = BRIDGE_SDP
+    client = ep.start_request(req, rm)
+    resp = await asyncio.wait_for(client.final(), 10)
+    assert resp.status == 200, f"part {part} via {rm}: {resp.status} {resp.reason}"
+    dialog = Dialog.from_uac(client.request, resp)
+    ep.send_ack(dialog.create_ack(client.request), dialog.next_hop()[:2])
+    port = SessionDescription.parse(resp.body).media[0].port
+    return dialog, port
+
+
+def _mcp_of(lab: Lab, rtp_port: int) -> str:
+    return next(m.name for m in lab.config.mcp if m.rtp_port_min <= rtp_port <= m.rtp_port_max)
+
+
+async def _hang_up(ep: SipEndpoint, dialog: Dialog) -> None:
+    # cause 487: a bridge that never carried media; the MCP files no recording for it
+    bye = dialog.create_request("BYE", headers=[("Reason", 'SIP;cause=487;text="probe"')])
+    resp = await asyncio.wait_for(ep.request(bye, dialog.next_hop()[:2]), 10)
+    assert resp.status == 200
+
+
+async def test_rm_killed_under_20_cps_loses_no_call_and_keeps_affinity(
+    ha_lab: Lab, ha_api: LabApi, tmp_path: Path
+) -> None:
+    """Two RMs share the affinity; SIGKILL rm1 under 20 calls/s: no SIPp call fails, new parts of
+    a session placed before the kill still go to its MCP (through rm2), the in-dialog requests of
+    rm1's dialogs take rm2, and a restarted rm1 resynchronises before it serves."""
+    rms = {i.name: (i.host, i.port) for i in ha_lab.config.resource_manager.instances}
+    assert set(rms) == {"rm1", "rm2"}
+    calls, rate, hold_ms = 120, 20.0, 2000
+    since = datetime.now(UTC) - timedelta(seconds=2)
+    ep = SipEndpoint(host="127.0.0.1", port=0, name="probe")
+    ep.request_handler = lambda inc: inc.respond(200)  # type: ignore[assignment,return-value]
+    await ep.start()
+    uas = await _callee(ha_lab, tmp_path / "uas")
+    uac: Sipp | None = None
+    try:
+        session = "ha" + new_tag()
+        part1, port1 = await _bridge_part(ep, rms["rm1"], session, 1)
+        mcp = _mcp_of(ha_lab, port1)
+        uac = Sipp(
+            "uac_pcap_auth.xml", workdir=tmp_path / "uac", remote=_sip(ha_lab), service=CALLEE, user=CALLER,
+            auth=(CALLER, _passwords(ha_lab)[CALLER]), rate=rate, max_calls=calls, limit=calls,
+            duration_ms=hold_ms, trace_messages=False,
+        )  # fmt: skip
+        await uac.start()
+        assert uac.process is not None
+        pid = uac.process.pid
+        await asyncio.sleep(3.0)
+        killed = time.monotonic()
+        ha_lab.kill("resource-manager")
+        # A second part of the session, after the kill: rm2 knows where the session lives.
+        part2, port2 = await _bridge_part(ep, rms["rm2"], session, 2)
+        assert _mcp_of(ha_lab, port2) == mcp, "the session's second part went to another MCP"
+        result = await uac.wait(timeout=calls / rate + hold_ms / 1000 + 40)
+        assert result.successful == calls and result.failed == 0, result.describe()
+        # rm1 comes back: it learns the sessions from rm2 before it reports ready, then routes.
+        await asyncio.to_thread(ha_lab.start_daemon, "resource-manager")
+        restarted = time.monotonic() - killed
+        log = ha_lab.daemons["resource-manager"].log_path.read_text()
+        assert "after synchronising with rm2" in log.rsplit("Resource Manager stopping", 1)[-1]
+        part3, port3 = await _bridge_part(ep, rms["rm1"], session, 3)
+        assert _mcp_of(ha_lab, port3) == mcp
+        for dialog in (part1, part2, part3):  # part1 was Record-Routed by rm1's previous life
+            await _hang_up(ep, dialog)
+    finally:
+        if uac is not None and uac.running:
+            await uac.stop()
+        await uas.stop()
+        await ep.close()
+    recs = await _recordings(ha_api, pid, since, calls, timeout=40)
+    print(
+        f"\nRM kill: {result.successful} of {calls} calls successful, {result.failed} failed, "
+        f"{len(recs)} recordings; rm1 back and synchronised {restarted:.1f} s after the kill"
+    )
+    assert len(recs) >= calls - 3, f"only {len(recs)} of {calls} calls were recorded"
