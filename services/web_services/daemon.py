@@ -16,8 +16,9 @@ from aiohttp import web
 
 from services.config import ClusterConfig
 from services.storage.disk import DiskWriter
+from services.storage.s3 import S3Client, S3Settings
 from services.web_services.app import create_app
-from services.web_services.retention import RetentionJob, disk_audio_deleter
+from services.web_services.retention import RetentionJob, storage_audio_deleter
 from services.web_services.store import SqliteMetadataStore, create_store
 
 log = logging.getLogger("callvault.web_services")
@@ -36,6 +37,7 @@ async def run(
     await store.open()
     runner: web.AppRunner | None = None
     retention: asyncio.Task[None] | None = None
+    retention_s3: S3Client | None = None
     try:
         app = create_app(config, store)
         runner = web.AppRunner(
@@ -49,10 +51,12 @@ async def run(
         where = store.path if isinstance(store, SqliteMetadataStore) else f"cassandra {ws.cassandra_keyspace}"
         log.info("Web Services on http://%s:%d (store %s)", ws.host, ws.port, where)
         if ws.retention_interval > 0 and any(t.retention for t in config.tenants):
+            if config.storage.s3_configured:
+                retention_s3 = S3Client(S3Settings.from_config(config.storage))
             job = RetentionJob(
                 config,
                 store,
-                disk_audio_deleter(DiskWriter(config.path(config.storage.disk_root))),
+                storage_audio_deleter(DiskWriter(config.path(config.storage.disk_root)), retention_s3),
                 holder=f"{ws.host}:{ws.port}:{os.getpid()}",
                 lease_ttl=max(60.0, ws.retention_interval),
             )
@@ -64,6 +68,8 @@ async def run(
         if retention is not None:
             retention.cancel()
             await asyncio.gather(retention, return_exceptions=True)
+        if retention_s3 is not None:
+            await retention_s3.close()
         if runner is not None:
             await runner.cleanup()
         await store.close()

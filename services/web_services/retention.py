@@ -30,6 +30,7 @@ from typing import Any
 from services.config import ClusterConfig, RetentionRule, Tenant
 from services.storage.disk import DiskWriter
 from services.storage.metadata import format_time, parse_time
+from services.storage.s3 import S3Client
 from services.web_services.store import MAX_LIMIT, MetadataStore, SearchFilters
 
 log = logging.getLogger("callvault.web_services.retention")
@@ -59,14 +60,26 @@ def purging_rule(tenant: Tenant, doc: dict[str, Any], now: datetime) -> Retentio
     return next((r for r in tenant.retention if rule_applies(r, doc, now)), None)
 
 
-def disk_audio_deleter(disk: DiskWriter) -> AudioDeleter:
-    """Delete audio kept in disk storage; other kinds raise AudioDeleteError (nothing to delete it with)."""
+def storage_audio_deleter(disk: DiskWriter, s3: S3Client | None = None) -> AudioDeleter:
+    """Delete a recording's audio where its ``storage`` says: disk, or S3 when this instance has it.
+
+    Raises AudioDeleteError for audio it cannot reach (S3 not configured here, another bucket) and
+    OSError (S3Error) when the storage fails; a missing object is not an error.
+    """
 
     async def delete(doc: dict[str, Any]) -> None:
         storage = doc.get("storage") or {}
-        if storage.get("kind") != "disk":
-            raise AudioDeleteError(f"no writer to delete {storage.get('kind')!r} storage")
-        await disk.delete(storage["key"])
+        kind, key = storage.get("kind"), str(storage.get("key", ""))
+        if kind == "disk":
+            await disk.delete(key)
+            return
+        if kind == "s3" and s3 is not None:
+            bucket = storage.get("bucket")
+            if bucket and bucket != s3.bucket:
+                raise AudioDeleteError(f"the object is in bucket {bucket!r}; this instance has {s3.bucket!r}")
+            await s3.delete(key)
+            return
+        raise AudioDeleteError(f"no storage writer for {kind!r} audio on this instance")
 
     return delete
 

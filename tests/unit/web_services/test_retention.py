@@ -18,7 +18,7 @@ from services.web_services.retention import (
     LEASE,
     AudioDeleteError,
     RetentionJob,
-    disk_audio_deleter,
+    storage_audio_deleter,
 )
 from services.web_services.store import PutResult, SearchFilters, SqliteMetadataStore
 
@@ -115,7 +115,7 @@ async def test_purges_exactly_what_the_rules_say(
     # many old ones to cross page boundaries
     for i in range(7):
         docs[f"a-bulk{i}"] = await add(store, disk, make_doc, f"a-bulk{i}", "acme", 50 + i)
-    job = RetentionJob(config, store, disk_audio_deleter(disk), holder="ws-test", page_size=3)
+    job = RetentionJob(config, store, storage_audio_deleter(disk), holder="ws-test", page_size=3)
     report = await job.run_once(NOW)
 
     expected = {rid for rid, _, _, _, purged in cases if purged} | {f"a-bulk{i}" for i in range(7)}
@@ -151,13 +151,13 @@ async def test_one_instance_at_a_time(
     await other.open()
     try:
         assert await other.acquire_lease(LEASE, "ws-2", 60)
-        report = await RetentionJob(config, store, disk_audio_deleter(disk), holder="ws-1").run_once(NOW)
+        report = await RetentionJob(config, store, storage_audio_deleter(disk), holder="ws-1").run_once(NOW)
         assert report.skipped and report.purged == {}
         assert await store.get("acme", "a-old") == old
         await other.release_lease(LEASE, "ws-2")
         # both run at once: exactly one of them purges
         jobs = [
-            RetentionJob(config, s, disk_audio_deleter(disk), holder=h)
+            RetentionJob(config, s, storage_audio_deleter(disk), holder=h)
             for s, h in ((store, "ws-1"), (other, "ws-2"))
         ]
         reports = await asyncio.gather(*(j.run_once(NOW) for j in jobs))
@@ -178,7 +178,7 @@ async def test_audio_that_cannot_be_deleted_keeps_its_metadata(
     )
     await store.put(s3_doc)
     await add(store, disk, make_doc, "a-disk", "acme", 40)
-    report = await RetentionJob(config, store, disk_audio_deleter(disk)).run_once(NOW)
+    report = await RetentionJob(config, store, storage_audio_deleter(disk)).run_once(NOW)
     assert report.purged == {"acme": ["a-disk"]} and report.failed == {"acme": ["a-s3"]}
     assert await store.get("acme", "a-s3") == s3_doc
     assert any("a-s3" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
