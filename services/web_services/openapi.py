@@ -244,9 +244,14 @@ def document() -> dict[str, Any]:
                             "content": _AUDIO,
                         },
                         "304": {"description": "Not modified (If-None-Match)"},
-                        "403": _error("Signed URL invalid or expired"),
+                        "403": _error(
+                            "Signed URL invalid or expired; or (key_unavailable) no key of the tenant opens"
+                            " this encrypted recording"
+                        ),
                         "416": _error("Range not satisfiable"),
-                        "501": _error("Storage kind or encryption not supported by this version"),
+                        "500": _error("(audio_corrupt) The stored encrypted object is damaged"),
+                        "501": _error("Storage kind not supported by this version"),
+                        "503": _error("(crypto_unavailable) No Crypto Server could unwrap the key"),
                         **_COMMON,
                     },
                 },
