@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,7 +220,7 @@ class S3Client:
 
     async def iter_range(
         self, key: str, first: int, last: int, chunk: int = 256 * 1024
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Bytes ``first..last`` (inclusive) of the object, by a ranged GET, in chunks."""
         r = await self.call("get_object", key, Key=key, Range=f"bytes={first}-{last}")
         body = r["Body"]

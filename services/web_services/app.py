@@ -28,6 +28,7 @@ from services.config import ClusterConfig, Tenant
 from services.storage.disk import DiskWriter, StorageKeyError
 from services.storage.envelope import EnvelopeError
 from services.storage.metadata import DocumentError, format_time, parse_time, validate_document
+from services.storage.s3 import S3Client, S3Error, S3Settings
 from services.web_services import openapi
 from services.web_services.audio import AudioUnavailable, open_audio
 from services.web_services.crypto_client import CryptoClient
@@ -212,6 +213,7 @@ class Api:
         self.signer = UrlSigner(signing_key(ws.url_signing_key, ws.internal_token), ws.signed_url_ttl)
         self._openapi = json.dumps(openapi.document(), indent=1).encode()
         self.crypto = CryptoClient(config.crypto_server, requester=f"web-services {ws.host}:{ws.port}")
+        self.s3 = S3Client(S3Settings.from_config(config.storage)) if config.storage.s3_configured else None
 
     # ------------------------------------------------------------------ helpers
     def tenant(self, request: web.Request) -> Tenant:
@@ -261,12 +263,19 @@ class Api:
         storage = doc.get("storage") or {}
         # Audio first: if that fails the metadata stays and the delete can be retried; the other order
         # could leave audio nobody can find any more.
-        if storage.get("kind") != "disk":
+        if storage.get("kind") == "s3" and self.s3 is not None:
+            try:
+                await self.s3.delete(str(storage["key"]))
+            except S3Error as exc:
+                log.error("recording %s: deleting its S3 object failed: %s", doc["id"], exc)
+                raise ApiError(503, "the storage is unreachable; try again", "storage_unavailable") from None
+        elif storage.get("kind") != "disk":
             raise ApiError(
-                501, f"deleting from {storage.get('kind')!r} storage is not available yet", "not_implemented"
+                501, f"deleting from {storage.get('kind')!r} storage is not configured", "not_implemented"
             )
         try:
-            await self.disk.delete(storage["key"])
+            if storage.get("kind") == "disk":
+                await self.disk.delete(storage["key"])
         except StorageKeyError as exc:
             log.error("recording %s has an invalid storage key: %s", doc["id"], exc)
         await self.store.delete(tenant.id, doc["id"])
@@ -303,7 +312,7 @@ class Api:
             _single_params(request.query, ())
         doc = await self.recording(tenant_id, request)
         try:
-            src = await open_audio(doc, self.disk, self.crypto)
+            src = await open_audio(doc, self.disk, self.crypto, self.s3)
         except AudioUnavailable as exc:
             if exc.status >= 500:
                 log.error("audio of %s unavailable: %s", doc["id"], exc)
@@ -402,6 +411,8 @@ def create_app(config: ClusterConfig, store: MetadataStore) -> web.Application:
 
     async def close_crypto(_app: web.Application) -> None:
         await api.crypto.close()
+        if api.s3 is not None:
+            await api.s3.close()
 
     app.on_cleanup.append(close_crypto)
     r = app.router

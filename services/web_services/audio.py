@@ -8,6 +8,7 @@ they plug in here as other :class:`AudioSource` implementations (``size`` is the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from services.storage.disk import DiskWriter
 
 if TYPE_CHECKING:
+    from services.storage.s3 import S3Client
     from services.web_services.crypto_client import CryptoClient
 
 CHUNK = 256 * 1024
@@ -70,12 +72,29 @@ class DiskAudio:
             f.close()  # closing a read-only file does not block; an await here could be cancelled
 
 
+@dataclass
+class S3Audio:
+    """An object in the S3 bucket, read by ranged GETs (services/storage/s3.py)."""
+
+    client: S3Client
+    key: str
+    size: int
+    content_type: str
+
+    async def iter_range(self, first: int, last: int) -> AsyncGenerator[bytes, None]:
+        async with contextlib.aclosing(self.client.iter_range(self.key, first, last, CHUNK)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
 def _close_opened(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()
 
 
-async def open_audio(doc: dict[str, Any], disk: DiskWriter, crypto: CryptoClient | None = None) -> AudioSource:
+async def open_audio(
+    doc: dict[str, Any], disk: DiskWriter, crypto: CryptoClient | None = None, s3: S3Client | None = None
+) -> AudioSource:
     """The audio of a metadata document; raises AudioUnavailable.
 
     A document with ``encryption`` is played through the Crypto Server (``crypto``): the stored
@@ -83,20 +102,43 @@ async def open_audio(doc: dict[str, Any], disk: DiskWriter, crypto: CryptoClient
     """
     storage = doc.get("storage") or {}
     content_type = CONTENT_TYPES.get(doc.get("format", "wav"), "application/octet-stream")
-    if storage.get("kind") != "disk":
+    raw: AudioSource
+    if storage.get("kind") == "s3" and s3 is not None:
+        raw = await _open_s3(s3, storage, content_type)
+    elif storage.get("kind") != "disk":
         raise AudioUnavailable(
-            501, "not_implemented", f"playback from {storage.get('kind')!r} storage is not available"
+            501, "not_implemented", f"playback from {storage.get('kind')!r} storage is not configured"
         )
-    path = disk.path(storage["key"])
-    try:
-        st = await asyncio.to_thread(path.stat)
-    except FileNotFoundError:
-        raise AudioUnavailable(
-            404, "audio_missing", "the recording's audio file is missing from storage"
-        ) from None
-    raw = DiskAudio(path, st.st_size, content_type)
+    else:
+        path = disk.path(storage["key"])
+        try:
+            st = await asyncio.to_thread(path.stat)
+        except FileNotFoundError:
+            raise AudioUnavailable(
+                404, "audio_missing", "the recording's audio file is missing from storage"
+            ) from None
+        raw = DiskAudio(path, st.st_size, content_type)
     if doc.get("encryption"):
         from services.web_services.decrypting import open_encrypted
 
         return await open_encrypted(raw, doc, crypto, content_type)
     return raw
+
+
+async def _open_s3(s3: S3Client, storage: dict[str, Any], content_type: str) -> S3Audio:
+    from services.storage.s3 import S3Error
+
+    key = str(storage["key"])
+    try:
+        found = await s3.head(key)
+    except S3Error as exc:
+        raise AudioUnavailable(503, "storage_unavailable", f"S3 storage is unreachable: {exc}") from None
+    if found is None:
+        raise AudioUnavailable(404, "audio_missing", "the recording's audio object is missing from storage")
+    size = found[0]
+    expected = storage.get("size")
+    if isinstance(expected, int) and expected != size:
+        raise AudioUnavailable(
+            502, "audio_corrupt", f"the stored object has {size} bytes, the metadata says {expected}"
+        )
+    return S3Audio(s3, key, size, content_type)
