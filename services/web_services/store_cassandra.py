@@ -82,6 +82,10 @@ class CassandraConfigError(ValueError):
     """A Cassandra setting (replication, consistency, keyspace) is malformed."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The cluster cannot be reached or refused the schema at start-up."""
+
+
 def parse_replication(value: str) -> dict[str, Any]:
     """``SimpleStrategy:3`` or ``NetworkTopologyStrategy:dc1=3,dc2=2`` -> the CQL replication map."""
     strategy, sep, rest = value.partition(":")
@@ -288,11 +292,16 @@ class CassandraMetadataStore(MetadataStore):
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
-        if self.session is None:
-            self.session = await asyncio.to_thread(self._connect_sync)
-        for cql in schema(self.keyspace, self.replication):
-            await self._exec_raw(cql)
-        self._prepared = await asyncio.to_thread(self._prepare_sync)
+        try:
+            if self.session is None:
+                self.session = await asyncio.to_thread(self._connect_sync)
+            for cql in schema(self.keyspace, self.replication):
+                await self._exec_raw(cql)
+            self._prepared = await asyncio.to_thread(self._prepare_sync)
+        except Exception as exc:
+            where = ", ".join(f"{h}:{p}" for h, p in self.contact_points) or "the given session"
+            log.error("Cassandra store: cannot open keyspace %s at %s: %s", self.keyspace, where, exc)
+            raise StoreUnavailable(f"Cassandra at {where}, keyspace {self.keyspace}: {exc}") from exc
         log.info(
             "Cassandra store: keyspace %s, consistency %s/%s",
             self.keyspace,
@@ -315,7 +324,7 @@ class CassandraMetadataStore(MetadataStore):
             )
         port = self.contact_points[0][1]
         profile = ExecutionProfile(
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=self.local_dc or None)),
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=self.local_dc)),
             row_factory=dict_factory,
             request_timeout=self.request_timeout,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from services.web_services.store import PutResult, SearchFilters, create_store
 from services.web_services.store_cassandra import (
     CassandraConfigError,
     CassandraMetadataStore,
+    StoreUnavailable,
     bridge,
     parse_contact_point,
     parse_replication,
@@ -452,3 +454,28 @@ def test_config_selects_the_backend() -> None:
     ]:
         with pytest.raises(config_mod.ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
             cfg(ws)
+
+
+async def test_unreachable_cluster_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    store = CassandraMetadataStore([f"127.0.0.1:{port}"], connect_timeout=2)
+    try:
+        with pytest.raises(StoreUnavailable, match=f"Cassandra at 127.0.0.1:{port}, keyspace callvault"):
+            await store.open()
+    finally:
+        await store.close()
+    assert any("cannot open keyspace callvault" in r.getMessage() for r in caplog.records)
+    # a session that fails on the schema is reported the same way
+    session = FakeSession()
+
+    def refuse_ddl(stmt: Any, params: tuple[Any, ...] = ()) -> FakeResponseFuture:
+        def fail() -> list[dict[str, Any]]:
+            raise Unavailable("schema refused: not enough replicas")
+
+        return FakeResponseFuture(fail, 0.001)
+
+    session.execute_async = refuse_ddl  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable, match="schema refused"):
+        await CassandraMetadataStore(session=session).open()
