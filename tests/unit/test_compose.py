@@ -50,6 +50,8 @@ EXPECTED_SERVICES = {
     "recording-processor-b",
     "web-services-a",
     "web-services-b",
+    "crypto-server-a",
+    "crypto-server-b",
     "cassandra-1",
     "cassandra-2",
     "cassandra-3",
@@ -361,7 +363,7 @@ def test_services_of_the_lab(compose: dict[str, Any]) -> None:
 
 
 def test_every_command_is_a_real_callvault_daemon(daemons: dict[str, dict[str, Any]]) -> None:
-    assert len(daemons) == 11
+    assert len(daemons) == 13
     for name, d in daemons.items():
         assert d["command"][0] in DAEMONS, f"{name}: {d['command'][0]!r} is not a callvault daemon"
         assert d["args"].command == d["command"][0]
@@ -417,6 +419,7 @@ def test_daemons_use_host_network_and_distinct_ports(
 
     rms: set[str] = set()
     webs: set[str] = set()
+    cryptos: set[str] = set()
     for name, d in daemons.items():
         service = d["service"]
         assert service.get("network_mode") == "host", f"{name} must run with network_mode: host"
@@ -449,6 +452,13 @@ def test_daemons_use_host_network_and_distinct_ports(
             assert health[-2:] == ["http", f"http://{w.host}:{w.port}/healthz"], (
                 f"{name}: healthcheck {health}"
             )
+        elif command == "crypto-server":
+            c = cfg.crypto_server
+            claim("tcp", c.port, name)
+            cryptos.add(f"http://{c.host}:{c.port}")
+            assert health[-2:] == ["http", f"http://{c.host}:{c.port}/healthz"], (
+                f"{name}: healthcheck {health}"
+            )
     # every port published by the non-host services is free of the daemons' ports too
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
@@ -468,6 +478,9 @@ def test_daemons_use_host_network_and_distinct_ports(
             assert cfg.recording_processor.web_services_url.rstrip("/") in webs, name
     # the two instances of a pair talk to different peers
     assert len(rms) == 2 and len(webs) == 2
+    # Web Services asks exactly the lab's two Crypto Servers
+    urls = config_mod.load(COMPOSE_CONFIG, environ={}).crypto_server.instance_urls()
+    assert set(urls) == cryptos and len(cryptos) == 2
 
 
 def test_state_is_shared_through_one_volume(
