@@ -457,6 +457,9 @@ class SipEndpoint:
         self.layer = TransactionLayer(timers or DEFAULT_TIMERS)
         self.request_handler: RequestHandler | None = None
         self.ack_handler: AckHandler | None = None
+        #: Responses that match no client transaction (e.g. a 2xx retransmitted to a hot standby
+        #: that took over from the process that sent the INVITE); logged and dropped when None.
+        self.stray_response_handler: Callable[[Response, Address, str], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
@@ -832,6 +835,8 @@ class SipEndpoint:
             self._incoming.pop(txn, None)  # type: ignore[call-overload]
         elif isinstance(event, StrayResponse):
             log.debug("%s: stray %d response from %s:%s", self.name, event.response.status, *event.source)
+            if self.stray_response_handler is not None:
+                self.stray_response_handler(event.response, event.source, event.transport)
 
     def _on_ack(self, event: AckReceived) -> None:
         incoming = self._incoming.get(event.transaction) if event.transaction is not None else None

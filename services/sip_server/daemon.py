@@ -58,6 +58,7 @@ class SipServer:
         self.b2bua = B2BUA(config, self.endpoint, self.registrar, self.challenger, clock=clock)
         self.endpoint.request_handler = self.dispatch
         self.endpoint.ack_handler = self.b2bua.handle_ack
+        self.endpoint.stray_response_handler = self.b2bua.handle_stray_response
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -67,6 +68,7 @@ class SipServer:
     async def start(self) -> None:
         await self.endpoint.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="sip-server-tick")
+        _drain_signals(self, True)
         log.info(
             "SIP Server on %s:%d (udp+tcp), realm %r, %d tenant(s), recording via RM %s",
             self.config.sip_server.host,
@@ -80,6 +82,7 @@ class SipServer:
         """Graceful shutdown: 503 to new calls, let calls end, BYE the rest, close."""
         if timeout is None:
             timeout = self.config.sip_server.shutdown_timeout
+        _drain_signals(self, False)
         try:
             await self.b2bua.shutdown(timeout)
         finally:
@@ -92,6 +95,7 @@ class SipServer:
     async def abandon(self) -> None:
         """Stop serving at once without ending any call: the HA peer holds them now (issue 5)."""
         self.b2bua.accepting = False
+        _drain_signals(self, False)
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,6 +151,24 @@ class SipServer:
             _answer(inc, 500, "Server Internal Error")
 
 
+def _drain_signals(server: SipServer, on: bool) -> None:
+    """While ``server`` serves: SIGUSR1 takes it out of service for maintenance (new INVITEs get
+    503 + Retry-After, established calls go on without a deadline), SIGUSR2 puts it back
+    (docs/HA.md, graceful drain). ``on=False`` removes the handlers."""
+
+    def drain(out: bool) -> None:
+        server.b2bua.accepting = not out
+        log.warning("SIP Server %s", "draining: new calls get 503" if out else "back in service")
+
+    loop = asyncio.get_running_loop()
+    for signum, out in ((signal.SIGUSR1, True), (signal.SIGUSR2, False)):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            if on:
+                loop.add_signal_handler(signum, drain, out)
+            else:
+                loop.remove_signal_handler(signum)
+
+
 def _answer(inc: IncomingRequest, status: int, reason: str) -> None:
     if inc.answered or inc.request.method == "ACK":
         return
@@ -173,22 +195,9 @@ async def run(
         return
     server = SipServer(config)
     await server.start()
-    loop = asyncio.get_running_loop()
-
-    def drain(on: bool) -> None:
-        # SIGUSR1: out of service for maintenance (new INVITEs 503, calls go on without a
-        # deadline); SIGUSR2: back in service (docs/HA.md, graceful drain).
-        server.b2bua.accepting = not on
-        log.warning("SIP Server %s", "draining: new calls get 503" if on else "back in service")
-
-    loop.add_signal_handler(signal.SIGUSR1, drain, True)
-    loop.add_signal_handler(signal.SIGUSR2, drain, False)
     if ready is not None:
         ready()
     try:
         await asyncio.Event().wait()
     finally:
-        for signum in (signal.SIGUSR1, signal.SIGUSR2):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(signum)
         await asyncio.shield(server.stop())

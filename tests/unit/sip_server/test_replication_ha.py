@@ -134,6 +134,23 @@ async def test_takeover_serves_replicated_calls_consistently(caplog: pytest.LogC
         assert again.status == 200 and again.body == first.body
         # the BYE sent again for the call the old active ended: 200, not 481
         assert (await send(p1001, bye)).status == 200
+        # a 2xx to a re-INVITE the dead active sent to 2002 and never ACKed: the new active ACKs it
+        acks: list[Request] = []
+        p2002.ep.ack_handler = lambda ack, source, transport: acks.append(ack)
+        gone = Response(200)
+        for name, value in [
+            ("Via", f"SIP/2.0/UDP 127.0.0.1:{sip};branch=z9hG4bKdeadactive;rport"),
+            ("From", f"<sip:2001@rec.test>;tag={rec_b.remote_tag}"),
+            ("To", f"<sip:2002@rec.test>;tag={rec_b.local_tag}"),
+            ("Call-ID", rec_b.call_id),
+            ("CSeq", "7 INVITE"),
+            ("Contact", f"<{p2002.contact}>"),
+        ]:
+            gone.headers.add(name, value)
+        p2002.ep.send_stateless(gone, ("127.0.0.1", sip))
+        await wait_for(lambda: bool(acks))
+        assert acks[0].cseq.seq == 7 and acks[0].call_id == rec_b.call_id
+        assert "ACK for a 2xx on leg b that no transaction awaited" in caplog.text
         # session refresh from the callee, then its BYE: ends every leg, the bridge's too
         refresh = in_dialog(p2002, rec_b, "UPDATE")
         assert (await send(p2002, refresh)).status == 200
