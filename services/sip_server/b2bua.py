@@ -159,6 +159,14 @@ class B2BUA:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.accepting = True
         self.rm = parse_hostport(self.sip.resource_manager, "sip_server.resource_manager")
+        #: Every RM (active/active, docs/HA.md): new bridges go to them in turn; an RM that did not
+        #: answer is tried last for RM_RETRY_AFTER seconds.
+        self.rms: list[tuple[str, int]] = [
+            parse_hostport(v, f"sip_server.resource_managers[{i}]")
+            for i, v in enumerate(self.sip.resource_managers)
+        ] or [self.rm]
+        self._rm_turn = 0
+        self._rm_failed_until: dict[tuple[str, int], float] = {}
         #: The address we write in SDP o= lines, Call-IDs and Warning headers.
         self._host: str = getattr(endpoint, "advertised_host", None) or endpoint.host
 
@@ -562,29 +570,49 @@ class B2BUA:
         except MediaError as exc:
             log.error("call %s: cannot build the bridge offer (%s); unrecorded", state.id[:8], exc)
             return
-        host, port = self.rm
-        tag = new_tag()
-        call_id = new_call_id(self._host)
-        req = Request("INVITE", SipUri("sip", "record", None, host, port))
-        for name, value in [
-            ("From", f"<sip:sip-server@{self._host}:{self.ep.port}>;tag={tag}"),
-            ("To", f"<sip:record@{host}:{port}>"),
-            ("Call-ID", call_id),
-            ("CSeq", "1 INVITE"),
-            ("Contact", self._contact("udp")),
-            ("Allow", ALLOW),
-            ("User-Agent", USER_AGENT),
-            *bridge_headers(state.tenant, state.session_id, state.part, CallInfo(**state.info)),
-            ("Content-Type", SDP),
-        ]:
-            req.headers.add(name, value)
-        req.body = body
         state.rec = rec
         rec.local_sdp = body
-        self._bind(call, call_id, tag, "rec")
-        client = self.ep.start_request(req, (host, port), "udp")
-        final_task = asyncio.ensure_future(client.final())
-        done, _ = await asyncio.wait({final_task}, timeout=self.sip.recording_timeout)
+        deadline = time.monotonic() + self.sip.recording_timeout
+        candidates = self._rm_order()
+        for i, (host, port) in enumerate(candidates):
+            tag = new_tag()
+            call_id = new_call_id(self._host)
+            req = Request("INVITE", SipUri("sip", "record", None, host, port))
+            for name, value in [
+                ("From", f"<sip:sip-server@{self._host}:{self.ep.port}>;tag={tag}"),
+                ("To", f"<sip:record@{host}:{port}>"),
+                ("Call-ID", call_id),
+                ("CSeq", "1 INVITE"),
+                ("Contact", self._contact("udp")),
+                ("Allow", ALLOW),
+                ("User-Agent", USER_AGENT),
+                *bridge_headers(state.tenant, state.session_id, state.part, CallInfo(**state.info)),
+                ("Content-Type", SDP),
+            ]:
+                req.headers.add(name, value)
+            req.body = body
+            self._bind(call, call_id, tag, "rec")
+            heard = asyncio.Event()
+            client = self.ep.start_request(req, (host, port), "udp", on_provisional=_on_any(heard))
+            final_task = asyncio.ensure_future(client.final())
+            if i == len(candidates) - 1:
+                break  # the last RM gets what is left of recording_timeout
+            heard_task = asyncio.ensure_future(heard.wait())
+            wait = max(0.0, min(RM_ANSWER_TIMEOUT, deadline - time.monotonic()))
+            await asyncio.wait({final_task, heard_task}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            heard_task.cancel()
+            if final_task.done() and _rm_refused(final_task.result()):
+                why = f"{final_task.result().status} {final_task.result().reason}"
+            elif final_task.done() or heard.is_set():
+                break
+            else:
+                why = f"no answer within {wait:.1f} s"
+                client.cancel()
+                self._spawn(self._reap_cancelled_rec(call, client, final_task), f"reap-rec-{state.id[:8]}")
+            self._rm_failed_until[(host, port)] = time.monotonic() + RM_RETRY_AFTER
+            self._dialogs.pop((call_id, tag), None)
+            log.warning("call %s: RM %s:%d failed (%s); trying the next RM", state.id[:8], host, port, why)
+        done, _ = await asyncio.wait({final_task}, timeout=max(0.0, deadline - time.monotonic()))
         if not done:
             log.error(
                 "call %s: the recording bridge did not answer within %.1f s; the call goes on unrecorded",
@@ -671,14 +699,79 @@ class B2BUA:
         return True
 
     # ------------------------------------------------------------------ requests we send in dialog
+    def _rm_order(self) -> list[tuple[str, int]]:
+        """The RMs for a new bridge: in turn (round robin), those that failed lately last."""
+        n = len(self.rms)
+        self._rm_turn = (self._rm_turn + 1) % n
+        turn = [self.rms[(self._rm_turn + i) % n] for i in range(n)]
+        now = time.monotonic()
+        return sorted(turn, key=lambda rm: self._rm_failed_until.get(rm, 0.0) > now)
+
     async def _request(self, leg: Leg, req: Request) -> Response | None:
         host, port, transport = leg.destination()
         try:
+            if leg.name == "rec" and len(self.rms) > 1:
+                return await self._rec_request(leg, req)
             client = self.ep.start_request(req, (host, port), transport)
             return await client.final()
         except (OSError, SipError, LookupError) as exc:
             log.warning("%s on leg %s failed: %s", req.method, leg.name, exc)
             return None
+
+    async def _rec_request(self, leg: Leg, req: Request) -> Response:
+        """An in-dialog request on the recording leg with several RMs: it follows the dialog's
+        route (the RM that Record-Routed it); when that RM does not answer within
+        RM_ANSWER_TIMEOUT (or the request cannot be sent), the route is moved to another RM and the
+        request sent again there (any RM routes in-dialog requests: docs/HA.md)."""
+        assert leg.dialog is not None
+        for _ in range(len(self.rms)):
+            host, port, transport = leg.destination()
+            heard = asyncio.Event()
+            client = self.ep.start_request(req, (host, port), transport, on_provisional=_on_any(heard))
+            final = asyncio.ensure_future(client.final())
+            heard_task = asyncio.ensure_future(heard.wait())
+            await asyncio.wait(
+                {final, heard_task}, timeout=RM_ANSWER_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            heard_task.cancel()
+            silent = not final.done() and not heard.is_set()
+            if not silent and not (final.done() and _transport_failure(final.result())):
+                return await final
+            if silent:
+                final.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if not self._reroute(leg, (host, port)):
+                return await final
+            req.headers.remove("Route")
+            for route in leg.dialog.route_set:
+                req.headers.add("Route", route)
+        return await final
+
+    def _reroute(self, leg: Leg, dead: tuple[str, int]) -> bool:
+        """Point the recording leg's route at another RM when its first hop is the RM ``dead``."""
+        assert leg.dialog is not None
+        routes = leg.dialog.route_set
+        if not routes or dead not in self.rms:
+            return False
+        try:
+            first = NameAddr.parse(routes[0]).uri
+        except SipError:
+            return False
+        if (first.host, first.port or 5060) != dead:
+            return False
+        self._rm_failed_until[dead] = time.monotonic() + RM_RETRY_AFTER
+        alive = [rm for rm in self._rm_order() if rm != dead]
+        if not alive:
+            return False
+        host, port = alive[0]
+        routes[0] = f"<sip:{host}:{port};lr>"
+        log.warning(
+            "recording dialog %s: RM %s:%d not answering; routed via %s:%d",
+            leg.dialog.call_id,
+            *dead,
+            host,
+            port,
+        )
+        return True
 
     async def _reinvite(
         self, call: Call, leg: Leg, body: bytes, headers: list[tuple[str, str]] | None = None
@@ -1123,6 +1216,29 @@ class B2BUA:
         self.ep.send_ack(leg.dialog.create_ack(invite), (host, port), transport)
         log.info("call %s: ACK for a 2xx on leg %s that no transaction awaited", call.state.id[:8], name)
 
+    def handle_stray_response(self, response: Response, source: tuple[str, int], transport: str) -> None:
+        """A 2xx to an INVITE of one of our dialogs that no transaction expects: the re-INVITE was
+        sent by the HA peer that died before ACKing it (issue 5). ACK it (RFC 3261 13.2.2.4), or
+        the phone would retransmit it and hang up after 64*T1."""
+        try:
+            if not (200 <= response.status < 300 and response.cseq.method == "INVITE"):
+                return
+            key = (response.call_id, response.from_.tag or "")
+        except SipParseError:
+            return
+        found = self._dialogs.get(key)
+        if found is None:
+            return
+        call, name = found
+        leg = call.state.leg(name)
+        if leg.dialog is None:
+            return
+        invite = Request("INVITE", leg.dialog.remote_target)
+        invite.headers.set("CSeq", f"{response.cseq.seq} INVITE")
+        host, port, transport = leg.destination()
+        self.ep.send_ack(leg.dialog.create_ack(invite), (host, port), transport)
+        log.info("call %s: ACK for a 2xx on leg %s that no transaction awaited", call.state.id[:8], name)
+
     def handle_ack(self, request: Request, source: tuple[str, int], transport: str) -> None:
         """ACKs for 2xx not awaited by a handler: nothing to do but note them."""
         log.debug("ACK %s from %s:%d absorbed", request.call_id, *source)
@@ -1227,6 +1343,27 @@ class B2BUA:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+#: Seconds to wait for any answer of an RM (100 Trying for an INVITE) before trying another one.
+RM_ANSWER_TIMEOUT = 1.0
+#: Seconds an RM that did not answer is tried last.
+RM_RETRY_AFTER = 10.0
+
+
+def _on_any(event: asyncio.Event) -> Callable[[Response], None]:
+    """A provisional-response callback that sets ``event`` (the next hop is alive)."""
+    return lambda _response: event.set()
+
+
+def _rm_refused(resp: Response) -> bool:
+    """An RM's final answer that another RM may do better with: 503 (no MCP, shutting down)."""
+    return resp.status == 503
+
+
+def _transport_failure(resp: Response) -> bool:
+    """The transaction layer's own 408 (timeout) or 503 without Retry-After (transport error)."""
+    return resp.status == 408 or (resp.status == 503 and "Retry-After" not in resp.headers)
 
 
 def mcp_lost(bye: Request) -> bool:
