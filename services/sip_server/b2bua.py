@@ -1216,29 +1216,6 @@ class B2BUA:
         self.ep.send_ack(leg.dialog.create_ack(invite), (host, port), transport)
         log.info("call %s: ACK for a 2xx on leg %s that no transaction awaited", call.state.id[:8], name)
 
-    def handle_stray_response(self, response: Response, source: tuple[str, int], transport: str) -> None:
-        """A 2xx to an INVITE of one of our dialogs that no transaction expects: the re-INVITE was
-        sent by the HA peer that died before ACKing it (issue 5). ACK it (RFC 3261 13.2.2.4), or
-        the phone would retransmit it and hang up after 64*T1."""
-        try:
-            if not (200 <= response.status < 300 and response.cseq.method == "INVITE"):
-                return
-            key = (response.call_id, response.from_.tag or "")
-        except SipParseError:
-            return
-        found = self._dialogs.get(key)
-        if found is None:
-            return
-        call, name = found
-        leg = call.state.leg(name)
-        if leg.dialog is None:
-            return
-        invite = Request("INVITE", leg.dialog.remote_target)
-        invite.headers.set("CSeq", f"{response.cseq.seq} INVITE")
-        host, port, transport = leg.destination()
-        self.ep.send_ack(leg.dialog.create_ack(invite), (host, port), transport)
-        log.info("call %s: ACK for a 2xx on leg %s that no transaction awaited", call.state.id[:8], name)
-
     def handle_ack(self, request: Request, source: tuple[str, int], transport: str) -> None:
         """ACKs for 2xx not awaited by a handler: nothing to do but note them."""
         log.debug("ACK %s from %s:%d absorbed", request.call_id, *source)
