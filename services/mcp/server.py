@@ -19,6 +19,7 @@ that was answered is finalised exactly once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -489,7 +490,7 @@ class McpServer:
                 "state": "pending",
                 "start": session.start.isoformat(),
                 "end": end.isoformat(),
-                "stats": stats,
+                "stats": json.loads(json.dumps(stats, default=str)),  # the sidecar is JSON
                 "dtmf": list(session.dtmf_text()),
                 "reason": session.end_reason or "finished",
             }
@@ -528,11 +529,18 @@ class McpServer:
         files = [f"{rid}.json", part.name, f"{rid}{ENCRYPTED_SUFFIX}"]
         try:
             key = recording_key(bridge.tenant, start, rid, bridge.profile.format)
-            await asyncio.to_thread(transcode_part, part, bridge.profile.format, bridge.profile.channels)
+            if part.exists():  # gone: encrypted or stored by a previous run (crash-safe either way)
+                await asyncio.to_thread(transcode_part, part, bridge.profile.format, bridge.profile.channels)
             src = part
             encryption = record.get("encryption")
-            if encryption is None and (certificates := self.certificates(bridge.tenant)):
-                encryption = await self._encrypt(rid, record, part, certificates)
+            certificates = self.certificates(bridge.tenant)
+            # (no plaintext left = a previous run already stored it: the writer finds the object)
+            if encryption is None and certificates and part.exists():
+                encryption = await retry_forever(
+                    lambda: self._encrypt(rid, record, part, certificates),
+                    f"recording {rid}: encrypting it", cap=self.max_backoff,
+                    permanent=(ValueError, FileNotFoundError),
+                )  # fmt: skip
             if encryption is not None:
                 src = self.spool / f"{rid}{ENCRYPTED_SUFFIX}"
 
@@ -549,6 +557,9 @@ class McpServer:
             return
         audio = stored.to_dict()
         if encryption is not None:
+            # A crash between the pending record naming the envelope and the plaintext's removal
+            # leaves the plaintext behind: it must not outlive the stored envelope.
+            await asyncio.to_thread(part.unlink, missing_ok=True)
             # The event describes the audio (what playback returns); storage.* the stored envelope.
             audio.update(size=encryption["plaintext_size"], sha256=encryption["plaintext_sha256"])
         dtmf = record.get("dtmf") or ["", ""]

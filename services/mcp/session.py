@@ -257,7 +257,7 @@ def find_leftovers(spool: Path) -> list[Leftover]:
             continue
         pending = data.get("state") == "pending"
         wav = None
-        if part.exists():
+        if part.exists() and not pending:  # a pending part is finished (and may be MP3, Opus, FLAC)
             try:
                 wav = repair_wav(part)
             except OSError as exc:
