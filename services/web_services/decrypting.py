@@ -82,7 +82,7 @@ async def open_encrypted(
 ) -> DecryptingAudio:
     """Read the header of ``raw``, have the data key unwrapped, and return the decrypting source.
 
-    Raises AudioUnavailable: 500 audio_corrupt (not a valid envelope or truncated), 503
+    Raises AudioUnavailable: 502 audio_corrupt (not a valid envelope or truncated), 503
     crypto_unavailable (no Crypto Server answered), 403 key_unavailable (the Crypto Server holds no
     key of the recording's tenant that opens it).
     """
@@ -104,7 +104,7 @@ async def open_encrypted(
     except EnvelopeError as exc:
         log.error("recording %s: the encrypted object is damaged: %s", rid, exc)
         raise AudioUnavailable(
-            500, "audio_corrupt", f"the recording's stored audio is damaged: {exc}"
+            502, "audio_corrupt", f"the recording's stored audio is damaged: {exc}"
         ) from None
     meta = doc.get("encryption") or {}
     preferred = [k for k in meta.get("key_ids", []) if isinstance(k, str) and k in header.wrapped_keys]

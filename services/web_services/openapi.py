@@ -249,7 +249,7 @@ def document() -> dict[str, Any]:
                             " this encrypted recording"
                         ),
                         "416": _error("Range not satisfiable"),
-                        "500": _error("(audio_corrupt) The stored encrypted object is damaged"),
+                        "502": _error("(audio_corrupt) The stored object is damaged or truncated"),
                         "501": _error("Storage kind not supported by this version"),
                         "503": _error("(crypto_unavailable) No Crypto Server could unwrap the key"),
                         **_COMMON,

@@ -32,12 +32,15 @@ from services.recording_processor import daemon as rp_daemon
 from services.storage import envelope
 from services.storage.disk import DiskWriter, recording_key
 from services.storage.queue import EventQueue
+from services.storage.s3 import S3Client, S3Settings, S3Writer
 from services.web_services import daemon as ws_daemon
 from tests.helpers.audio import speech_wav
 from tests.helpers.certs import CertPair, make_cert
+from tests.helpers.seaweed import SeaweedS3
 
 ACME_KEY = "acme-api-key-0123456789"
 GLOBEX_KEY = "globex-api-key-0123456789"
+INITECH_KEY = "initech-api-key-0123456789"
 INTERNAL = "internal-token-abcdef0123456789"
 CRYPTO_TOKEN = "crypto-token-abcdef0123456789"
 T0 = datetime(2024, 6, 3, 9, 30, tzinfo=UTC)
@@ -53,6 +56,7 @@ class Cluster:
     certs: dict[str, CertPair]
     crypto: list[DaemonProcess]
     speech: Path
+    s3: SeaweedS3
 
     def start_crypto(self, i: int) -> None:
         d = self.crypto[i]
@@ -70,11 +74,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("crypto")
     ports = LabPorts.free(mcps=2)  # 5 free ports: web, and two crypto servers
     crypto_ports = ports.mcp
-    certs = {"acme": make_cert("acme"), "globex": make_cert("globex")}
+    certs = {"acme": make_cert("acme"), "globex": make_cert("globex"), "initech": make_cert("initech")}
+    s3 = SeaweedS3(root / "s3")
     for tenant, cert in certs.items():
         cert.write(root / "certs", tenant)
     data = {
-        "storage": {"disk_root": "storage", "queue_dir": "queue"},
+        "storage": {
+            "disk_root": "storage",
+            "queue_dir": "queue",
+            **{k.split(".", 1)[1]: v for k, v in s3.config_patch().items()},
+        },
         "web_services": {
             "host": "127.0.0.1",
             "port": ports.web,
@@ -97,8 +106,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "key_cache_seconds": 0,  # every playback asks a Crypto Server
         },
         "tenants": [
-            {"id": t, "api_key": k, "profile": {"certificates": [f"certs/{t}.crt"]}}
-            for t, k in (("acme", ACME_KEY), ("globex", GLOBEX_KEY))
+            {"id": t, "api_key": k, "profile": {"certificates": [f"certs/{t}.crt"], "storage": kind}}
+            for t, k, kind in (
+                ("acme", ACME_KEY, "disk"),
+                ("globex", GLOBEX_KEY, "disk"),
+                ("initech", INITECH_KEY, "s3"),
+            )
         ],
     }
     config_path = root / "cluster.toml"
@@ -118,8 +131,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for i, port in enumerate(crypto_ports)
     ]
     speech = speech_wav(root / "speech.wav", "This call is recorded and encrypted at rest.", pad_s=6.0)
-    c = Cluster(root, config_path, config, certs, procs, speech)
+    c = Cluster(root, config_path, config, certs, procs, speech, s3)
     try:
+        s3.start()
         for i in range(len(procs)):
             c.start_crypto(i)
         yield c
@@ -130,6 +144,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             if not d.wait(10):
                 d.signal(signal.SIGKILL)
                 d.wait(5)
+        s3.stop()
 
 
 @dataclass
@@ -153,7 +168,15 @@ class Env:
         profile_certs = self.config.tenant(tenant).profile.certificates  # type: ignore[union-attr]
         meta = await asyncio.to_thread(envelope.encrypt_file, plain_path, sealed, certs or profile_certs)
         plain_path.unlink()
-        stored = await self.disk.store(sealed, recording_key(tenant, T0, rid))
+        key = recording_key(tenant, T0, rid)
+        if self.config.tenant(tenant).profile.storage == "s3":  # type: ignore[union-attr]
+            writer = S3Writer(S3Settings.from_config(self.config.storage))
+            try:
+                stored = await writer.store(sealed, key, content_type="application/octet-stream")
+            finally:
+                await writer.close()
+        else:
+            stored = await self.disk.store(sealed, key)
         seconds = (len(plain) - 44) / 16000
         await self.queue.put(
             {
@@ -173,17 +196,18 @@ class Env:
                 "format": "wav",
                 "channels": 1,
                 "sample_rate": 8000,
-                "size": stored.size,
-                "sha256": stored.sha256,
-                "storage": {"kind": stored.kind, "key": stored.key},
+                # as the MCP does: size/sha256 describe the audio, storage.* the stored envelope
+                "size": meta["plaintext_size"],
+                "sha256": meta["plaintext_sha256"],
+                "storage": stored.to_dict(),
                 "mcp": "mcp1",
                 "streams": [],
                 "encryption": meta,
             }
         )
-        key = ACME_KEY if tenant == "acme" else GLOBEX_KEY
+        api_key = {"acme": ACME_KEY, "globex": GLOBEX_KEY, "initech": INITECH_KEY}[tenant]
         for _ in range(200):
-            async with self.get(f"/api/v1/recordings/{rid}", key) as resp:
+            async with self.get(f"/api/v1/recordings/{rid}", api_key) as resp:
                 if resp.status == 200:
                     return await resp.json(), plain
             await asyncio.sleep(0.05)
@@ -271,6 +295,35 @@ async def test_ranged_requests_are_bit_identical(env: Env) -> None:
         assert hashlib.sha256(await resp.read()).hexdigest() == doc["encryption"]["plaintext_sha256"]
 
 
+async def test_encrypted_recording_in_s3_plays_back_bit_identical(env: Env) -> None:
+    doc, plain = await env.record("initech")
+    assert doc["storage"]["kind"] == "s3" and doc["encryption"]["key_ids"] == [
+        env.cluster.certs["initech"].key_id
+    ]
+    client = S3Client(S3Settings.from_config(env.config.storage))
+    try:
+        stored = b"".join(
+            [
+                c
+                async for c in client.iter_range(
+                    doc["storage"]["key"], 0, doc["storage"]["size"] - 1, 1 << 20
+                )
+            ]
+        )
+    finally:
+        await client.close()
+    assert stored.startswith(envelope.MAGIC) and plain[2000:2032] not in stored
+    async with env.get(f"/api/v1/recordings/{doc['id']}/audio", INITECH_KEY) as resp:
+        assert resp.status == 200
+        assert hashlib.sha256(await resp.read()).hexdigest() == doc["encryption"]["plaintext_sha256"]
+    n = len(plain)
+    for first, last in ((0, 99), (65000, 70000), (n - 10, n - 1)):
+        async with env.get(
+            f"/api/v1/recordings/{doc['id']}/audio", INITECH_KEY, Range=f"bytes={first}-{last}"
+        ) as resp:
+            assert resp.status == 206 and await resp.read() == plain[first : last + 1]
+
+
 async def test_one_tenant_cannot_read_anothers_recordings(env: Env) -> None:
     doc, _ = await env.record("globex")
     # globex's recording with acme's API key: not found, like a missing one
@@ -291,7 +344,7 @@ async def test_damaged_object_is_a_clear_error(env: Env) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[:-100])  # truncated
     async with env.get(f"/api/v1/recordings/{doc['id']}/audio") as resp:
-        assert resp.status == 500
+        assert resp.status == 502
         body = await resp.json()
     assert body["error"]["code"] == "audio_corrupt" and "truncated" in body["error"]["message"]
     # a flipped byte in the middle: the bytes before it are served, then the connection is cut
