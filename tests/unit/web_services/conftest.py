@@ -1,7 +1,10 @@
-"""Fixtures of the Web Services unit tests: metadata documents and an open SQLite store."""
+"""Fixtures of the Web Services unit tests: metadata documents, an open SQLite store, and ``mstore``:
+an open store of every backend available (parametrised)."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from services.storage.disk import recording_key
 from services.storage.metadata import format_time, validate_document
-from services.web_services.store import SqliteMetadataStore
+from services.web_services.store import MetadataStore, SqliteMetadataStore
 
 DocFactory = Callable[..., dict[str, Any]]
 
@@ -66,3 +69,48 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteMetadataStore]:
         yield s
     finally:
         await s.close()
+
+
+# ---------------------------------------------------------------- every metadata store backend
+# SQLite always; Cassandra when CASSANDRA_CONTACT_POINTS is set (see test_store_contract.py). The
+# parameter list is built from the environment so that absent backends are not even generated.
+CASSANDRA = os.environ.get("CASSANDRA_CONTACT_POINTS", "")
+BACKENDS = ["sqlite"] + (["cassandra"] if CASSANDRA else [])
+
+
+async def _cassandra_store() -> tuple[MetadataStore, Callable[[], Any]]:
+    from services.web_services.store_cassandra import CassandraMetadataStore
+
+    keyspace = f"cv_test_{uuid.uuid4().hex[:12]}"
+    store = CassandraMetadataStore(
+        [c for c in CASSANDRA.split(",") if c.strip()],
+        keyspace=keyspace,
+        replication=os.environ.get("CASSANDRA_REPLICATION", "SimpleStrategy:1"),
+        consistency=os.environ.get("CASSANDRA_CONSISTENCY", "LOCAL_QUORUM"),
+    )
+    await store.open()
+
+    async def drop() -> None:
+        await store._exec_raw(f"DROP KEYSPACE IF EXISTS {keyspace}")
+
+    return store, drop
+
+
+@pytest.fixture(params=BACKENDS)
+async def mstore(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
+    if request.param == "sqlite":
+        store: MetadataStore = SqliteMetadataStore(tmp_path / "meta.sqlite3")
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+        return
+    store, drop = await _cassandra_store()
+    try:
+        yield store
+    finally:
+        try:
+            await drop()
+        finally:
+            await store.close()

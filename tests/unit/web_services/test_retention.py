@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from services.web_services.retention import (
     RetentionJob,
     storage_audio_deleter,
 )
-from services.web_services.store import PutResult, SearchFilters, SqliteMetadataStore
+from services.web_services.store import MetadataStore, PutResult, SearchFilters, SqliteMetadataStore
 
 DocFactory = Callable[..., dict[str, Any]]
 NOW = datetime(2024, 7, 1, 12, 0, tzinfo=UTC)
@@ -55,18 +55,14 @@ def make_config(tmp_path: Path) -> ClusterConfig:
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[ClusterConfig, SqliteMetadataStore, DiskWriter]]:
+def env(tmp_path: Path, mstore: MetadataStore) -> tuple[ClusterConfig, MetadataStore, DiskWriter]:
+    """Config, a store of each backend (conftest.py: SQLite, and Cassandra when configured), disk storage."""
     config = make_config(tmp_path)
-    store = SqliteMetadataStore(tmp_path / "meta.sqlite3")
-    await store.open()
-    try:
-        yield config, store, DiskWriter(config.path("storage"))
-    finally:
-        await store.close()
+    return config, mstore, DiskWriter(config.path("storage"))
 
 
 async def add(
-    store: SqliteMetadataStore,
+    store: MetadataStore,
     disk: DiskWriter,
     make_doc: DocFactory,
     rid: str,
@@ -85,7 +81,7 @@ async def add(
 
 
 async def test_purges_exactly_what_the_rules_say(
-    env: tuple[ClusterConfig, SqliteMetadataStore, DiskWriter],
+    env: tuple[ClusterConfig, MetadataStore, DiskWriter],
     make_doc: DocFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -143,32 +139,25 @@ async def test_purges_exactly_what_the_rules_say(
 
 
 async def test_one_instance_at_a_time(
-    env: tuple[ClusterConfig, SqliteMetadataStore, DiskWriter], make_doc: DocFactory, tmp_path: Path
+    env: tuple[ClusterConfig, MetadataStore, DiskWriter], make_doc: DocFactory, tmp_path: Path
 ) -> None:
     config, store, disk = env
     old = await add(store, disk, make_doc, "a-old", "acme", 40)
-    other = SqliteMetadataStore(tmp_path / "meta.sqlite3")  # a second Web Services instance on the same store
-    await other.open()
-    try:
-        assert await other.acquire_lease(LEASE, "ws-2", 60)
-        report = await RetentionJob(config, store, storage_audio_deleter(disk), holder="ws-1").run_once(NOW)
-        assert report.skipped and report.purged == {}
-        assert await store.get("acme", "a-old") == old
-        await other.release_lease(LEASE, "ws-2")
-        # both run at once: exactly one of them purges
-        jobs = [
-            RetentionJob(config, s, storage_audio_deleter(disk), holder=h)
-            for s, h in ((store, "ws-1"), (other, "ws-2"))
-        ]
-        reports = await asyncio.gather(*(j.run_once(NOW) for j in jobs))
-        assert sorted(r.skipped for r in reports) in ([False, True], [False, False])
-        assert sum(len(r.purged.get("acme", [])) for r in reports) == 1
-    finally:
-        await other.close()
+    # a second Web Services instance holds the lease
+    assert await store.acquire_lease(LEASE, "ws-2", 60)
+    report = await RetentionJob(config, store, storage_audio_deleter(disk), holder="ws-1").run_once(NOW)
+    assert report.skipped and report.purged == {}
+    assert await store.get("acme", "a-old") == old
+    await store.release_lease(LEASE, "ws-2")
+    # both run at once: exactly one of them purges
+    jobs = [RetentionJob(config, store, storage_audio_deleter(disk), holder=h) for h in ("ws-1", "ws-2")]
+    reports = await asyncio.gather(*(j.run_once(NOW) for j in jobs))
+    assert sorted(r.skipped for r in reports) in ([False, True], [False, False])
+    assert sum(len(r.purged.get("acme", [])) for r in reports) == 1
 
 
 async def test_audio_that_cannot_be_deleted_keeps_its_metadata(
-    env: tuple[ClusterConfig, SqliteMetadataStore, DiskWriter],
+    env: tuple[ClusterConfig, MetadataStore, DiskWriter],
     make_doc: DocFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -3,18 +3,15 @@
 SQLite always. Cassandra whenever ``CASSANDRA_CONTACT_POINTS`` is set (``host[:port],...``; e.g. the
 compose lab's ``127.0.0.1:9042``): each test then gets a fresh keyspace (replication
 ``CASSANDRA_REPLICATION``, default ``SimpleStrategy:1``; ``SimpleStrategy:3`` on the 3-node lab),
-dropped afterwards. The parameter list is built from the environment, so without a cluster the
-Cassandra cases do not exist rather than being skipped.
+dropped afterwards. The parameter list is built from the environment (the ``mstore`` fixture in
+conftest.py), so without a cluster the Cassandra cases do not exist rather than being skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,52 +21,11 @@ from services.web_services.store import (
     MetadataStore,
     PutResult,
     SearchFilters,
-    SqliteMetadataStore,
     encode_cursor,
 )
 
 DocFactory = Callable[..., dict[str, Any]]
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
-CASSANDRA = os.environ.get("CASSANDRA_CONTACT_POINTS", "")
-BACKENDS = ["sqlite"] + (["cassandra"] if CASSANDRA else [])
-
-
-async def _cassandra_store() -> tuple[MetadataStore, Callable[[], Any]]:
-    from services.web_services.store_cassandra import CassandraMetadataStore
-
-    keyspace = f"cv_test_{uuid.uuid4().hex[:12]}"
-    store = CassandraMetadataStore(
-        [c for c in CASSANDRA.split(",") if c.strip()],
-        keyspace=keyspace,
-        replication=os.environ.get("CASSANDRA_REPLICATION", "SimpleStrategy:1"),
-        consistency=os.environ.get("CASSANDRA_CONSISTENCY", "LOCAL_QUORUM"),
-    )
-    await store.open()
-
-    async def drop() -> None:
-        await store._exec_raw(f"DROP KEYSPACE IF EXISTS {keyspace}")
-
-    return store, drop
-
-
-@pytest.fixture(params=BACKENDS)
-async def mstore(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
-    if request.param == "sqlite":
-        store: MetadataStore = SqliteMetadataStore(tmp_path / "meta.sqlite3")
-        await store.open()
-        try:
-            yield store
-        finally:
-            await store.close()
-        return
-    store, drop = await _cassandra_store()
-    try:
-        yield store
-    finally:
-        try:
-            await drop()
-        finally:
-            await store.close()
 
 
 async def ids(store: MetadataStore, tenant: str = "acme", **kw: Any) -> list[str]:
