@@ -198,6 +198,8 @@ class SipServerConfig:
     replication_port: int = 0
     #: The peer's replication address, host:port.
     peer: str = ""
+    #: Shared secret of the pair (HMAC challenge on the replication link); empty: nonce_secret.
+    replication_secret: str = ""
     #: Heartbeats both ways every interval; the peer is dead after ``heartbeat_misses`` missed
     #: ones with its replication connection gone.
     heartbeat_interval: float = 0.2

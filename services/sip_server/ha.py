@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,10 @@ class _Peer:
         self.writer = writer
         self.dialled = dialled
         self.decoder = rp.FrameDecoder()
-        self.info: NodeInfo | None = None
+        self.info: NodeInfo | None = None  # the peer's last hello, once it authenticated
+        self.pending: NodeInfo | None = None  # its hello before that
+        self.nonce = secrets.token_hex(16)  # what the peer must answer (auth)
+        self.authenticated = False
         self.closed = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -85,6 +89,12 @@ class HaNode:
         self.clock = clock
         self.monotonic = monotonic
         self.node = sip.node_name or f"{sip.replication_host}:{sip.replication_port}"
+        secret = sip.replication_secret or sip.nonce_secret
+        if not secret:
+            log.warning(
+                "HA: no replication_secret nor nonce_secret: the replication link is not authenticated"
+            )
+        self.secret = secret.encode("utf-8")
         self.priority = rp.PRIORITY[sip.role]
         self.peer_addr = parse_hostport(sip.peer, "sip_server.peer")
         self.dialler = (sip.replication_host, sip.replication_port) < self.peer_addr
@@ -203,7 +213,7 @@ class HaNode:
         self.peer = peer
         self.monitor.on_connected(self.monotonic())
         log.info("HA: connected to the peer (%s)", "dialled" if peer.dialled else "accepted")
-        peer.send(rp.hello(self.node, self.state, self.epoch, self.priority))
+        peer.send(rp.hello(self.node, self.state, self.epoch, self.priority, peer.nonce))
         try:
             while not peer.closed:
                 data = await peer.reader.read(262144)
@@ -232,9 +242,30 @@ class HaNode:
         if kind == rp.HEARTBEAT:
             return
         if kind == rp.HELLO:
-            peer.info = NodeInfo.from_hello(message)
+            info = NodeInfo.from_hello(message)
+            if info.node == self.node:
+                raise rp.ReplicationError(f"the peer claims our own node name {info.node!r}")
+            if not peer.authenticated:
+                if peer.pending is None:
+                    peer.send(rp.auth_message(self.secret, str(message.get("nonce", "")), self.node))
+                peer.pending = info
+                return
+            peer.info = info
+            await self._on_hello(peer, info)
+            return
+        if kind == rp.AUTH:
+            if peer.authenticated:
+                return
+            if peer.pending is None or not rp.verify_auth(
+                self.secret, peer.nonce, peer.pending.node, message
+            ):
+                raise rp.ReplicationError("the peer failed to authenticate (not our pair's secret)")
+            peer.authenticated = True
+            peer.info = peer.pending
             await self._on_hello(peer, peer.info)
             return
+        if not peer.authenticated:
+            raise rp.ReplicationError(f"{kind} message before authentication")
         if self.state != NodeState.STANDBY or peer.info is None or peer.info.state != NodeState.ACTIVE:
             log.warning("HA: %s message ignored (we are %s)", kind, self.state.value)
             return
@@ -296,7 +327,7 @@ class HaNode:
 
     def _hello_all(self) -> None:
         if self.peer is not None:
-            self.peer.send(rp.hello(self.node, self.state, self.epoch, self.priority))
+            self.peer.send(rp.hello(self.node, self.state, self.epoch, self.priority, self.peer.nonce))
         self.changed.set()
 
     # ------------------------------------------------------------------ takeover / yield

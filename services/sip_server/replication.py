@@ -5,8 +5,11 @@ Two SIP Servers (an active one and a hot standby) keep one TCP connection betwee
 is a JSON object framed by a 4-byte big-endian length (:func:`encode`, :class:`FrameDecoder`):
 
 ==============  ================================================================================
-``hello``       ``{"node", "state": "active"|"standby", "epoch", "priority"}``: sent first by both
-                sides and again whenever the sender's state changes
+``hello``       ``{"node", "state": "active"|"standby", "epoch", "priority", "nonce"}``: sent first
+                by both sides and again whenever the sender's state changes
+``auth``        ``{"mac"}``: HMAC-SHA256 with the pair's shared secret over the peer's nonce and the
+                sender's node name; nothing but hello, auth and heartbeat is accepted before a
+                valid one (a stranger cannot pull the registrations nor make the active yield)
 ``snapshot``    ``{"epoch", "calls": [CallState dicts], "bindings": BindingStore dict,
                 "ended": [[call_id, tag, expires_at], ...]}``: the active's whole state, sent to a
                 standby after its hello; replaces whatever the standby held
@@ -23,6 +26,8 @@ Nothing here touches sockets or clocks: :mod:`services.sip_server.ha` is the asy
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import json
 import logging
 import struct
@@ -43,7 +48,8 @@ CALL = "call"
 CALL_END = "call_end"
 AOR = "aor"
 HEARTBEAT = "heartbeat"
-MESSAGE_TYPES = frozenset({HELLO, SNAPSHOT, CALL, CALL_END, AOR, HEARTBEAT})
+AUTH = "auth"
+MESSAGE_TYPES = frozenset({HELLO, AUTH, SNAPSHOT, CALL, CALL_END, AOR, HEARTBEAT})
 
 #: How long an ended call's dialogs are remembered (64*T1, the life of a non-INVITE transaction).
 ENDED_TTL = 32.0
@@ -120,8 +126,30 @@ def _decode(body: bytes) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- messages
-def hello(node: str, state: NodeState, epoch: int, priority: int) -> dict[str, Any]:
-    return {"type": HELLO, "node": node, "state": state.value, "epoch": epoch, "priority": priority}
+def hello(node: str, state: NodeState, epoch: int, priority: int, nonce: str = "") -> dict[str, Any]:
+    return {
+        "type": HELLO,
+        "node": node,
+        "state": state.value,
+        "epoch": epoch,
+        "priority": priority,
+        "nonce": nonce,
+    }
+
+
+def _mac(secret: bytes, nonce: str, node: str) -> str:
+    return hmac.new(secret, f"callvault-ha\n{nonce}\n{node}".encode(), hashlib.sha256).hexdigest()
+
+
+def auth_message(secret: bytes, peer_nonce: str, node: str) -> dict[str, Any]:
+    """Proof that ``node`` (us) holds the pair's secret, over the nonce the peer sent."""
+    return {"type": AUTH, "mac": _mac(secret, peer_nonce, node)}
+
+
+def verify_auth(secret: bytes, my_nonce: str, peer_node: str, message: dict[str, Any]) -> bool:
+    """Whether the peer's auth message answers our nonce with the pair's secret."""
+    mac = message.get("mac")
+    return isinstance(mac, str) and hmac.compare_digest(mac, _mac(secret, my_nonce, peer_node))
 
 
 def heartbeat(now: float) -> dict[str, Any]:

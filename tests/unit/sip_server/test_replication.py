@@ -315,3 +315,16 @@ def test_hello_is_validated() -> None:
     assert info == NodeInfo("n", A, 2, 1)
     with pytest.raises(ReplicationError):
         NodeInfo.from_hello({"type": "hello", "node": "n", "state": "leader", "epoch": 1, "priority": 0})
+
+
+# --------------------------------------------------------------------------- authentication
+def test_auth_answers_the_nonce_with_the_shared_secret() -> None:
+    secret = b"pair-secret"
+    good = rp.auth_message(secret, "n0nce", "node-b")
+    assert rp.verify_auth(secret, "n0nce", "node-b", good)
+    assert not rp.verify_auth(b"other-secret", "n0nce", "node-b", good)
+    assert not rp.verify_auth(secret, "another-nonce", "node-b", good)  # a replayed answer
+    assert not rp.verify_auth(secret, "n0nce", "node-a", good)  # reflected back at its sender
+    assert not rp.verify_auth(secret, "n0nce", "node-b", {"type": "auth"})
+    assert not rp.verify_auth(secret, "n0nce", "node-b", {"type": "auth", "mac": 42})
+    assert FrameDecoder().feed(rp.encode(good)) == [good]

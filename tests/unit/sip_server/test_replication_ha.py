@@ -15,8 +15,10 @@ import pytest
 from services.config import ClusterConfig, ConfigError
 from services.sip.dialog import Dialog
 from services.sip.message import Request, Response
+from services.sip_server import replication as rp
 from services.sip_server.daemon import SipServer
 from services.sip_server.ha import HaNode
+from services.sip_server.registrar import BindingStore
 from services.sip_server.replication import NodeState
 from tests.helpers.sipp import free_tcp_port as free_port  # UDP+TCP, below the ephemeral range
 from tests.integration.sip_ua import FAST, Phone, phone_sdp
@@ -218,6 +220,44 @@ async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureF
     finally:
         await a.stop()
         await b.stop()
+        await bridge.ep.close()
+
+
+async def test_a_stranger_on_the_replication_port_gets_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """Without the pair's secret: no snapshot, no yield, the connection closed with an error logged."""
+    bridge = FakeBridge()
+    await bridge.ep.start()
+    ra = free_port()
+    a = Node(node_config(bridge.ep.port, free_port(), ra, free_port(), "node-a", "standby"))
+    try:
+        await wait_for(lambda: a.ha.state == NodeState.ACTIVE, 3.0)
+        attempts: list[list[dict[str, Any]]] = [
+            # a wrong secret, claiming to be an active of a higher epoch
+            [
+                rp.hello("intruder", NodeState.ACTIVE, 99, 2, "x"),
+                rp.auth_message(b"guessed", "whatever", "intruder"),
+            ],
+            # no auth at all, pushing a snapshot
+            [
+                rp.hello("intruder", NodeState.ACTIVE, 99, 2, "x"),
+                rp.snapshot_message(99, [], BindingStore(), {}),
+            ],
+        ]
+        for messages in attempts:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ra)
+            decoder = rp.FrameDecoder()
+            got: list[dict[str, Any]] = []
+            for m in messages:
+                writer.write(rp.encode(m))
+            while data := await asyncio.wait_for(reader.read(65536), 3.0):
+                got += decoder.feed(data)
+            writer.close()
+            assert [m["type"] for m in got] in (["hello"], ["hello", "auth"]), got
+            assert a.ha.state == NodeState.ACTIVE and a.ha.epoch == 1
+        assert "the peer failed to authenticate" in caplog.text
+        assert "snapshot message before authentication" in caplog.text
+    finally:
+        await a.stop()
         await bridge.ep.close()
 
 
