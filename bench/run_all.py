@@ -3,10 +3,11 @@
 1. bench/rtp_core_bench.py: the media engine alone, 1,000 calls bridged and 1,000 record-only, 5 s
    each (its own section of docs/BENCHMARKS.md shows longer runs);
 2. bench/call_rate.py: the whole stack end to end with SIPp, its default sweep of call rates and
-   the concurrency step.
+   the concurrency step;
+3. bench/crypto_bench.py: envelope encryption, decryption, RSA unwrap and encrypted playback.
 
-Both print their figures as they go and end with `name: value` lines; this script ends with those
-lines of both, one per headline figure. It does not rewrite docs/BENCHMARKS.md unless --write-doc
+Each prints its figures as it goes and ends with `name: value` lines; this script ends with those
+lines of all of them, one per headline figure. It does not rewrite docs/BENCHMARKS.md unless --write-doc
 (then bench/call_rate.py replaces its own section; the rtp_core section is never touched).
 A bench that fails to run is reported and the next one still runs; the exit code is then 1.
 
@@ -35,6 +36,7 @@ BENCHES = {
         ["--calls", "1000", "--mode", "both", "--seconds", "5", "--warmup", "1"],
     ),
     "call_rate": ("call_rate.py", []),
+    "crypto": ("crypto_bench.py", []),
 }
 
 
