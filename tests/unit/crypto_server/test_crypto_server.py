@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,3 +331,25 @@ async def test_disabled_tokens(tmp_path: Path) -> None:
         assert (await client.get("/healthz")).status == 200
     finally:
         await client.close()
+
+
+def test_cli_refuses_an_unsafe_keystore_with_a_clear_error(tmp_path: Path, acme_cert: CertPair) -> None:
+    """`callvault crypto-server` as a process: exit code 2 and one line naming the file and the fix."""
+    ks = new_keystore(tmp_path)
+    ks.add("acme", acme_cert.cert_pem, acme_cert.key_pem)
+    key_file = ks.root / "acme" / f"{acme_cert.key_id}.pem"
+    key_file.chmod(0o644)
+    config_path = tmp_path / "c.toml"
+    config_path.write_text(
+        '[crypto_server]\nkeystore_dir = "keystore"\nport = 1\n[[tenants]]\nid = "acme"\napi_key = "acme-key-0123456789abcdef"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "crypto-server", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"configuration error: crypto_server.keystore_dir: key file {key_file}" in proc.stderr
+    assert f"(mode 644): chmod 600 {key_file}" in proc.stderr
+    assert "Traceback" not in proc.stderr
