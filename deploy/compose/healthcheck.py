@@ -3,6 +3,11 @@
 
     callvault-healthcheck http http://127.0.0.1:8080/healthz    healthy: HTTP 200
     callvault-healthcheck sip  127.0.0.1:5070                   healthy: 200 to an OPTIONS over UDP
+    callvault-healthcheck tcp  127.0.0.1:5066                   healthy: accepts a TCP connection
+                                                                (a SIP Server of the HA pair: its
+                                                                replication port, which the standby
+                                                                opens too; the SIP address answers
+                                                                for whichever one is active)
 
 Standard library only, exit status 0 (healthy) or 1 (unhealthy) with one line saying why. An MCP
 answers OPTIONS with 503 while it drains, so a draining MCP reports unhealthy, as it should.
@@ -70,12 +75,21 @@ def check_sip(target: str) -> str | None:
             return f"{target}: no answer to OPTIONS ({exc})"
 
 
+def check_tcp(target: str) -> str | None:
+    host, _, port_text = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=TIMEOUT):
+            return None
+    except OSError as exc:
+        return f"{target}: {exc}"
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("http", "sip"):
+    if len(argv) != 2 or argv[0] not in ("http", "sip", "tcp"):
         print(__doc__, file=sys.stderr)
         return 2
     kind, target = argv
-    problem = check_http(target) if kind == "http" else check_sip(target)
+    problem = {"http": check_http, "sip": check_sip, "tcp": check_tcp}[kind](target)
     if problem:
         print(f"unhealthy: {problem}")
         return 1

@@ -420,6 +420,7 @@ def test_daemons_use_host_network_and_distinct_ports(
     rms: set[str] = set()
     webs: set[str] = set()
     cryptos: set[str] = set()
+    replication: dict[str, tuple[str, str]] = {}  # SIP Server -> (its replication address, its peer)
     for name, d in daemons.items():
         service = d["service"]
         assert service.get("network_mode") == "host", f"{name} must run with network_mode: host"
@@ -429,9 +430,18 @@ def test_daemons_use_host_network_and_distinct_ports(
         health = _healthcheck_target(service)
         if command == "sip-server":
             s = cfg.sip_server
-            for proto in ("udp", "tcp"):
-                claim(proto, s.port, name)
-            assert health[-2:] == ["sip", f"{s.host}:{s.port}"], f"{name}: healthcheck {health}"
+            if s.replication_port:
+                # the hot-standby pair shares the SIP address; each has its replication port
+                for proto in ("udp", "tcp"):
+                    claim(proto, s.port, "the SIP Server pair")
+                claim("tcp", s.replication_port, name)
+                replication[name] = (f"{s.replication_host}:{s.replication_port}", s.peer)
+                target = ["tcp", f"{s.replication_host}:{s.replication_port}"]
+                assert health[-2:] == target, f"{name}: healthcheck {health}"
+            else:
+                for proto in ("udp", "tcp"):
+                    claim(proto, s.port, name)
+                assert health[-2:] == ["sip", f"{s.host}:{s.port}"], f"{name}: healthcheck {health}"
         elif command == "resource-manager":
             r = cfg.resource_manager
             for proto in ("udp", "tcp"):
@@ -478,6 +488,9 @@ def test_daemons_use_host_network_and_distinct_ports(
             assert cfg.recording_processor.web_services_url.rstrip("/") in webs, name
     # the two instances of a pair talk to different peers
     assert len(rms) == 2 and len(webs) == 2
+    # the SIP Servers are one hot-standby pair, each the other's peer
+    (a_addr, a_peer), (b_addr, b_peer) = replication["sip-server-a"], replication["sip-server-b"]
+    assert (a_peer, b_peer) == (b_addr, a_addr), replication
     # Web Services asks exactly the lab's two Crypto Servers
     urls = config_mod.load(COMPOSE_CONFIG, environ={}).crypto_server.instance_urls()
     assert set(urls) == cryptos and len(cryptos) == 2
@@ -584,6 +597,15 @@ def test_healthcheck_sip(healthcheck: Any) -> None:
         assert healthcheck.main(["sip", f"127.0.0.1:{port}"]) == 0
     with _sip_responder("SIP/2.0 503 Service Unavailable") as port:
         assert healthcheck.main(["sip", f"127.0.0.1:{port}"]) == 1
+
+
+def test_healthcheck_tcp(healthcheck: Any) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert healthcheck.main(["tcp", f"127.0.0.1:{port}"]) == 0
+    assert healthcheck.main(["tcp", f"127.0.0.1:{port}"]) == 1  # closed: refused
 
 
 def test_healthcheck_http(healthcheck: Any) -> None:
