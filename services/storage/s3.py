@@ -45,6 +45,7 @@ log = logging.getLogger("callvault.storage.s3")
 
 META_SHA256 = "sha256"  # x-amz-meta-sha256: the hex SHA-256 of the whole object
 JOURNAL_SUFFIX = ".s3upload.json"
+CONTENT_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg", "flac": "audio/flac"}
 _RETRY_CODES = frozenset(
     {
         "BadDigest",
@@ -291,14 +292,23 @@ class S3Writer:
     async def close(self) -> None:
         await self.client.close()
 
-    async def store(self, src: Path, key: str, *, content_type: str = "audio/wav") -> StoredObject:
+    async def store(self, src: Path, key: str, *, content_type: str | None = None) -> StoredObject:
         """Upload ``src`` as ``key``, verify it, then remove ``src`` (like the disk writer's move).
+
+        ``content_type`` defaults to the audio type of the key's extension, or
+        ``application/octet-stream`` for an encrypted spool file (``*.enc``).
 
         Idempotent after a crash: when ``src`` is gone but the object exists (a previous call got as
         far as the upload), the stored object is described and returned.
         """
         validate_key(key)
         src = Path(src)
+        if content_type is None:
+            ext = key.rsplit(".", 1)[-1]
+            plain = not src.name.endswith(".enc")
+            content_type = (
+                CONTENT_TYPES.get(ext, "application/octet-stream") if plain else "application/octet-stream"
+            )
         try:
             size, sha = await asyncio.to_thread(hash_file, src)
         except FileNotFoundError:

@@ -63,6 +63,7 @@ async def test_small_file_is_one_put_and_round_trips(seaweed: SeaweedS3, tmp_pat
         assert key.startswith("acme/2025/03/04/") and not src.exists()
         size, meta = await writer.client.head(key) or (0, {})
         assert size == 100_000 and meta[META_SHA256] == sha
+        assert (await writer.client.call("head_object", key, Key=key))["ContentType"] == "audio/wav"
         assert hashlib.sha256(await _fetch(writer.client, key, size)).hexdigest() == sha
         part = b"".join([c async for c in writer.client.iter_range(key, 10, 19)])
         assert len(part) == 10
