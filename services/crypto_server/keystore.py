@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from services.storage import envelope
 from services.storage.disk import fsync_dir
-from services.storage.envelope import CertificateError, EnvelopeError
+from services.storage.envelope import EnvelopeError
 
 log = logging.getLogger("callvault.crypto_server.keystore")
 
@@ -238,10 +238,7 @@ class Keystore:
         The certificate must pass :func:`envelope.load_certificate` (RSA >= 2048, currently valid)
         and the private key must be its key. Adding a key that is already there changes nothing.
         """
-        try:
-            cert = envelope.load_certificate(certificate_pem)
-        except CertificateError as exc:
-            raise CertificateError(str(exc).replace("certificate: ", "", 1)) from None
+        cert = envelope.load_certificate(certificate_pem)
         private = envelope.load_private_key(private_key_pem)
         if not envelope.private_key_matches(private, cert):
             raise EnvelopeError("the private key does not belong to the certificate")

@@ -270,12 +270,6 @@ def read_header(f: BinaryIO) -> Header:
     return parse_header(head + rest)
 
 
-def is_encrypted(path: Path) -> bool:
-    """True when the file starts with the envelope magic."""
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
-
-
 # --- chunks ---------------------------------------------------------------------------------------
 
 

@@ -72,8 +72,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("crypto")
-    ports = LabPorts.free(mcps=2)  # 5 free ports: web, and two crypto servers
-    crypto_ports = ports.mcp
+    ports = LabPorts.free(mcps=0)  # free ports: web and the two Crypto Servers are used
+    crypto_ports = ports.crypto
     certs = {"acme": make_cert("acme"), "globex": make_cert("globex"), "initech": make_cert("initech")}
     s3 = SeaweedS3(root / "s3")
     for tenant, cert in certs.items():
