@@ -160,9 +160,33 @@ class HaNode:
             await self.close()
 
     async def close(self) -> None:
-        """Stop: an active node shuts its SIP Server down gracefully; the replication ends."""
+        """Stop. An active node with a synchronised standby hands over: it sends every pending
+        change, releases the SIP address without ending any call and tells the standby to take
+        over at once (a planned switch-over, e.g. for an upgrade). Without a standby it shuts its
+        SIP Server down gracefully (calls ended by BYE)."""
         if self._listener is not None:
             self._listener.close()
+        peer = self.peer
+        if (
+            self.state == NodeState.ACTIVE
+            and self.server is not None
+            and peer is not None
+            and peer.info is not None
+            and peer.info.state == NodeState.STANDBY
+            and not peer.closed
+        ):
+            server, self.server = self.server, None
+            self._flush()
+            await server.abandon()
+            if self.sip.release_command:
+                await _run_command("release", self.sip.release_command)
+            peer.send({"type": rp.HANDOVER, "epoch": self.epoch})
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(peer.writer.drain(), 2.0)
+            log.warning(
+                "HA: stopping: handed the SIP address and %d call(s) over to the standby",
+                len(self._published),
+            )
         if self.peer is not None:
             self.peer.close()
         for task in list(self._tasks):
@@ -268,6 +292,9 @@ class HaNode:
             raise rp.ReplicationError(f"{kind} message before authentication")
         if self.state != NodeState.STANDBY or peer.info is None or peer.info.state != NodeState.ACTIVE:
             log.warning("HA: %s message ignored (we are %s)", kind, self.state.value)
+            return
+        if kind == rp.HANDOVER:
+            await self.activate(f"the active peer {peer.info.node} handed over (it is stopping)")
             return
         self.replica.apply(message, self.clock())
         if kind == rp.SNAPSHOT:

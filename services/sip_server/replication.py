@@ -18,6 +18,8 @@ is a JSON object framed by a 4-byte big-endian length (:func:`encode`, :class:`F
                 are remembered until ``expires_at`` so that a retransmitted BYE is answered 200
 ``aor``         ``{"tenant", "extension", "contacts": [Binding dicts]}``: an AOR's bindings changed
 ``heartbeat``   ``{"t"}``: sent by both sides every ``heartbeat_interval``
+``handover``    ``{"epoch"}``: the active is stopping (SIGTERM) and has released the SIP address
+                without ending any call: the standby takes over at once
 ==============  ================================================================================
 
 Nothing here touches sockets or clocks: :mod:`services.sip_server.ha` is the asyncio glue.
@@ -49,7 +51,8 @@ CALL_END = "call_end"
 AOR = "aor"
 HEARTBEAT = "heartbeat"
 AUTH = "auth"
-MESSAGE_TYPES = frozenset({HELLO, AUTH, SNAPSHOT, CALL, CALL_END, AOR, HEARTBEAT})
+HANDOVER = "handover"
+MESSAGE_TYPES = frozenset({HELLO, AUTH, SNAPSHOT, CALL, CALL_END, AOR, HEARTBEAT, HANDOVER})
 
 #: How long an ended call's dialogs are remembered (64*T1, the life of a non-INVITE transaction).
 ENDED_TTL = 32.0

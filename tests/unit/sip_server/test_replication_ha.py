@@ -191,6 +191,26 @@ async def test_restarted_primary_joins_the_new_active_as_standby() -> None:
             await p1002.close()
 
 
+async def test_a_stopping_active_hands_over_without_ending_calls(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with pair() as (a, b, _bridge, sip):
+        p1001, p1002 = await phone("1001", sip), await phone("1002", sip)
+        dialog, _ = await call(p1001, p1002)
+        await wait_for(lambda: len(b.ha.replica.calls) == 1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await a.stop()  # SIGTERM: graceful stop of the active
+        await wait_for(lambda: b.ha.state == NodeState.ACTIVE, 3.0)
+        handover = loop.time() - t0
+        assert handover < 0.1, f"handover took {handover * 1000:.0f} ms (the dead-peer window is 150 ms)"
+        assert "handed over (it is stopping)" in caplog.text
+        assert p1001.received.empty() and p1002.received.empty()  # nobody got a BYE
+        assert (await send(p1001, in_dialog(p1001, dialog, "BYE"))).status == 200
+        assert (await p1002.next_request()).method == "BYE"
+        await p1001.close()
+        await p1002.close()
+
+
 async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureFixture) -> None:
     """Each node alone (peer unreachable) becomes active on its own SIP address; once they can reach
     each other, exactly one stays active and the other yields, resynchronised from the winner."""
