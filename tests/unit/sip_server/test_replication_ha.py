@@ -153,6 +153,18 @@ async def test_takeover_serves_replicated_calls_consistently(caplog: pytest.LogC
         await wait_for(lambda: bool(acks))
         assert acks[0].cseq.seq == 7 and acks[0].call_id == rec_b.call_id
         assert "ACK for a 2xx on leg b that no transaction awaited" in caplog.text
+        # the MCP re-INVITEs the bridge: answered from the replica with what was last offered it
+        assert bridge.dialog is not None
+        mcp_reinvite = bridge.dialog.create_request("INVITE")
+        host, port, transport = bridge.dialog.next_hop()
+        mcp_answer = await bridge.ep.request(mcp_reinvite.copy(), (host, port), transport)
+        assert mcp_answer.status == 200 and b"a=label:caller" in mcp_answer.body
+        bridge.ep.send_ack(bridge.dialog.create_ack(mcp_reinvite), (host, port), transport)
+        # a session refresh the new active owes 2001 (its replicated timer is due) goes out
+        [adopted] = server.b2bua.calls.values()
+        adopted.state.a.timer.refresher, adopted.state.a.timer.deadline = "local", 1.0
+        refresh_out = await p2001.next_request()
+        assert refresh_out.method in ("UPDATE", "INVITE") and refresh_out.cseq.seq > 100, refresh_out
         # session refresh from the callee, then its BYE: ends every leg, the bridge's too
         refresh = in_dialog(p2002, rec_b, "UPDATE")
         assert (await send(p2002, refresh)).status == 200
