@@ -716,7 +716,8 @@ static PyObject *Engine_loop_stats(EngineObject *self, PyObject *unused)
         rc_loop_stats_t ls;
         PyObject *d;
         rc_engine_loop_stats(self->eng, i, &ls);
-        d = Py_BuildValue("{s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d,s:K}", "iterations", (unsigned long long)ls.iterations,
+        d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d,s:K}", "iterations", (unsigned long long)ls.iterations,
+                          "datagrams", (unsigned long long)ls.datagrams,
                           "socket_events", (unsigned long long)ls.events, "ticks", (unsigned long long)ls.ticks,
                           "tick_ms_avg", ls.ticks ? ls.tick_ns / 1e6 / (double)ls.ticks : 0.0, "tick_ms_max",
                           ls.max_tick_ns / 1e6, "tick_cpu_ms_max", ls.max_tick_cpu_ns / 1e6, "tick_late_ms_max", ls.max_tick_late_ns / 1e6, "io_ms_max",

@@ -57,6 +57,7 @@ typedef struct rc_engine rc_engine_t;
 
 typedef struct {
     uint64_t iterations, events, ticks, tick_ns, events_dropped;
+    uint64_t datagrams;                /* received on the legs' sockets (RTP and RTCP, any content) */
     int64_t max_io_ns, max_tick_ns, max_tick_late_ns, max_tick_cpu_ns;
 } rc_loop_stats_t;
 

@@ -12,7 +12,7 @@
 #define BATCH 64
 #define PKT_MAX 2048
 #define TICK_NS 1000000LL              /* the writer wakes every 1 ms ... */
-#define TICK_PHASES 20                 /* ... and serves 1/20 of the sessions: each one every 20 ms */
+#define TICK_PHASES 50                 /* ... and serves 1/50 of the sessions: each one every 50 ms */
 #define WBUF 16384                     /* per-session WAV write buffer */
 #define EVQ_MAX 65536
 #define RELATCH_NS 1000000000LL        /* strict source: a latched source silent this long may be replaced */

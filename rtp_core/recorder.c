@@ -432,12 +432,10 @@ static void gap_present(rc_leg_t *L, int64_t pos)
     L->audio_seen = 1;
 }
 
-/* gap accounting over timeline [pos, pos + n), whose samples are ring[0 .. n) */
-static void scan_gaps(rc_leg_t *L, const int16_t *ring, int64_t n, int64_t pos)
+/* gap accounting over timeline [pos, pos + n), whose samples are ring[0 .. n), absent of them
+ * missing (counted by the caller) */
+static void scan_gaps(rc_leg_t *L, const int16_t *ring, int64_t n, int64_t pos, int64_t absent)
 {
-    int64_t absent = 0;
-    for (int64_t i = 0; i < n; i++)
-        absent += ring[i] == RC_ABSENT;
     if (absent == 0) {
         gap_present(L, pos);
     } else if (absent == n) {
@@ -464,19 +462,31 @@ static void emit(rc_rec_t *r, int64_t upto)
             n = RC_CHUNK;
         if (n > r->ring_size - idx)
             n = r->ring_size - idx;
-        scan_gaps(&r->leg[0], a, n, r->emitted);
-        scan_gaps(&r->leg[1], b, n, r->emitted);
+        int absent_a = 0, absent_b = 0;
+        /* one pass that the compiler vectorises: count the holes, interleave (or mix) with holes as
+         * silence, and clear the ring behind it */
         if (r->channels == 2) {
             for (int64_t i = 0; i < n; i++) {
-                out[2 * i] = a[i] == RC_ABSENT ? 0 : a[i];
-                out[2 * i + 1] = b[i] == RC_ABSENT ? 0 : b[i];
+                int16_t x = a[i], y = b[i];
+                int hx = x == RC_ABSENT, hy = y == RC_ABSENT;
+                absent_a += hx;
+                absent_b += hy;
+                out[2 * i] = hx ? 0 : x;
+                out[2 * i + 1] = hy ? 0 : y;
             }
         } else {
             for (int64_t i = 0; i < n; i++) {
-                int s = (a[i] == RC_ABSENT ? 0 : a[i]) + (b[i] == RC_ABSENT ? 0 : b[i]);
+                int16_t x = a[i], y = b[i];
+                int hx = x == RC_ABSENT, hy = y == RC_ABSENT;
+                int s = (hx ? 0 : x) + (hy ? 0 : y);
+                absent_a += hx;
+                absent_b += hy;
                 out[i] = (int16_t)(s > 32767 ? 32767 : s < -32768 ? -32768 : s);
             }
         }
+        /* the per-sample gap scan (partly filled chunks only) still needs the holes marked */
+        scan_gaps(&r->leg[0], a, n, r->emitted, absent_a);
+        scan_gaps(&r->leg[1], b, n, r->emitted, absent_b);
         lo = r->pause_from > r->emitted ? r->pause_from : r->emitted;
         hi = pend < r->emitted + n ? pend : r->emitted + n;
         if (lo < hi)

@@ -34,8 +34,12 @@
 #define UR_BUFSZ 2048
 #define UR_BGID 0
 /* An iteration waits for this many completions or the writer's tick (at most 1 ms): under load the
- * batches grow and the wake-ups become rarer, at low load a packet waits for the tick at worst. */
-#define UR_WAIT_NR 32
+ * batches grow and the wake-ups become rarer, at low load a packet waits for the tick at worst.
+ * While packets are being relayed the batch stays small (relay latency); traffic that is only
+ * recorded waits for larger batches (the reorder window is 100 ms anyway), which saves wake-ups and
+ * the timer re-arming that each one costs (a VM exit on a KVM guest). */
+#define UR_WAIT_RELAY 32
+#define UR_WAIT_RECORD 128
 
 enum { UD_RECV = 1, UD_SEND = 2, UD_CMD = 3, UD_OTHER = 4, UD_PROBE = 5 };
 
@@ -67,6 +71,8 @@ struct rc_uring {
     uint32_t *gens, *free_ids;
     uint32_t nsocks, cap, nfree;
     uint64_t recv_rearms;
+    unsigned relays;                   /* sends queued in the current iteration */
+    int64_t relayed_at;                /* the last iteration that queued any */
 };
 
 static inline uint64_t ud(unsigned type, uint32_t gen, uint32_t idx)
@@ -245,6 +251,7 @@ static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *p
     sqe->len = 1;
     sqe->msg_flags = MSG_DONTWAIT;
     sqe->user_data = ud(UD_SEND, 0, bid);
+    u->relays++;
     return 1;
 }
 
@@ -255,6 +262,8 @@ static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
     int bid = (cqe->flags & IORING_CQE_F_BUFFER) ? (int)(cqe->flags >> IORING_CQE_BUFFER_SHIFT) : -1;
     int held = 0;
     size_t hdr = sizeof(struct io_uring_recvmsg_out) + u->recv_mh.msg_namelen + u->recv_mh.msg_controllen;
+    if (bid >= 0)
+        t->ls.datagrams++;
     if (k && bid >= 0 && cqe->res >= (int)hdr) {
         uint8_t *buf = u->bufs + (size_t)bid * UR_BUFSZ, *payload = buf + hdr;
         const struct io_uring_recvmsg_out *o = (const void *)buf;
@@ -322,8 +331,12 @@ void rc_uring_loop(rc_thread_t *t)
         int64_t now = rc_mono_ns(), t1;
         unsigned head, tail, n = 0;
         int cmds = 0;
+        if (u->relays) {
+            u->relays = 0;
+            u->relayed_at = now;
+        }
         if (next_tick > now)
-            ur_submit(u, UR_WAIT_NR, next_tick - now);
+            ur_submit(u, now - u->relayed_at < 20 * TICK_NS ? UR_WAIT_RELAY : UR_WAIT_RECORD, next_tick - now);
         else
             ur_submit(u, 0, 0);
         t1 = rc_mono_ns();
