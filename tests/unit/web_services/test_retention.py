@@ -139,7 +139,7 @@ async def test_purges_exactly_what_the_rules_say(
 
 
 async def test_one_instance_at_a_time(
-    env: tuple[ClusterConfig, MetadataStore, DiskWriter], make_doc: DocFactory, tmp_path: Path
+    env: tuple[ClusterConfig, MetadataStore, DiskWriter], make_doc: DocFactory
 ) -> None:
     config, store, disk = env
     old = await add(store, disk, make_doc, "a-old", "acme", 40)
