@@ -61,7 +61,7 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"
 ACK_TIMEOUT = 32.0  # 64 * T1: RFC 3261 13.3.1.4
 BYE_TIMEOUT = 5.0  # how long finalisation waits for the answer to our own BYE
 UPLOADS = 8  # recordings stored at the same time (the rest wait their turn)
-RECOVERY_WAIT = 5.0  # how long start-up waits for recovered recordings before serving anyway
+RECOVERY_WAIT = 2.0  # how long start-up waits for recovered recordings before serving anyway
 
 
 class McpServer:

@@ -162,3 +162,36 @@ async def test_refused_credentials_fail_at_once(seaweed: SeaweedS3, tmp_path: Pa
         assert info.value.status == 403 and src.exists()
     finally:
         await writer.close()
+
+
+async def test_web_services_audio_source_for_s3_objects(seaweed: SeaweedS3, tmp_path: Path) -> None:
+    from services.storage.disk import DiskWriter
+    from services.web_services.audio import AudioUnavailable, S3Audio, open_audio
+
+    src = tmp_path / "r.wav.part"
+    sha = _file(src, 300_000)
+    writer = S3Writer(seaweed.settings())
+    key = _key(tmp_path)
+    disk = DiskWriter(tmp_path / "disk")
+    down = S3Client(S3Settings(endpoint_url="http://127.0.0.1:9", bucket="b", max_attempts=1))
+    try:
+        stored = await writer.store(src, key)
+        doc = {"format": "wav", "storage": {"kind": "s3", "key": key, "size": stored.size}}
+        audio = await open_audio(doc, disk, None, writer.client)
+        assert isinstance(audio, S3Audio) and audio.size == 300_000
+        data = b"".join([c async for c in audio.iter_range(0, audio.size - 1)])
+        assert hashlib.sha256(data).hexdigest() == sha
+        assert b"".join([c async for c in audio.iter_range(1000, 1999)]) == data[1000:2000]
+        cases = [  # truncated object (size differs from the metadata), missing object, store down
+            ({"storage": {"kind": "s3", "key": key, "size": stored.size + 10}}, writer.client, 502),
+            ({"storage": {"kind": "s3", "key": key + "x"}}, writer.client, 404),
+            ({"storage": {"kind": "s3", "key": key}}, down, 503),
+            ({"storage": {"kind": "s3", "key": key}}, None, 501),
+        ]
+        for bad, client, status in cases:
+            with pytest.raises(AudioUnavailable) as info:
+                await open_audio(bad, disk, None, client)
+            assert info.value.status == status, (bad, info.value)
+    finally:
+        await writer.close()
+        await down.close()
