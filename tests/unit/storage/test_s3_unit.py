@@ -134,3 +134,27 @@ def test_storage_settings_are_validated() -> None:
         from_dict({"storage": {"s3_endpoint_url": "ftp://x"}}, environ={})
     with pytest.raises(ConfigError, match=r"storage\.s3_max_attempts"):
         from_dict({"storage": {"s3_max_attempts": 0}}, environ={})
+
+
+async def test_storage_targets_follow_the_profile(tmp_path: Path) -> None:
+    from services.storage.writer import StorageTargetError, StorageTargets
+
+    cfg = from_dict(
+        {"storage": {"disk_root": "d", "s3_bucket": "rec", "s3_endpoint_url": "http://127.0.0.1:9"}},
+        base_dir=str(tmp_path), environ={},
+    )  # fmt: skip
+    targets = StorageTargets.from_config(cfg)
+    assert targets.target("disk") is targets.disk and targets.disk.root == tmp_path / "d"
+    assert targets.target("s3") is targets.s3 and targets.describe("s3") == {"bucket": "rec"}
+    assert targets.describe("disk") == {}
+    with pytest.raises(StorageTargetError, match="'tape'"):
+        targets.target("tape")
+    src = tmp_path / "x"
+    src.write_bytes(b"abc")
+    stored = await targets.store("disk", src, "t/2025/01/01/x.wav")
+    assert stored.kind == "disk" and (tmp_path / "d" / "t/2025/01/01/x.wav").read_bytes() == b"abc"
+    await targets.close()
+    disk_only = StorageTargets.from_config(from_dict({}, base_dir=str(tmp_path), environ={}))
+    assert disk_only.s3 is None
+    with pytest.raises(StorageTargetError, match="not configured"):
+        disk_only.target("s3")
