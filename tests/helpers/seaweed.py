@@ -42,14 +42,28 @@ def weed_binary() -> str:
     return found
 
 
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_tcp_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1, below the kernel's ephemeral range: while the instance is
+    stopped (failure tests) no outgoing connection can take one of them as its source port, so the
+    restart finds them free again."""
+    top = _ephemeral_floor()
     ports: set[int] = set()
     while len(ports) < n:
+        port = secrets.choice(range(12000, max(top, 13000)))
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 50000:  # weed may derive port + 10000 for components we do not name
-            ports.add(port)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.add(port)
     return sorted(ports)
 
 
