@@ -2,8 +2,10 @@
 
 - ``POST /api/v1/unwrap`` (``Authorization: Bearer <crypto_server.internal_token>``, what Web
   Services presents): ``{"tenant", "key_id", "wrapped_key" (base64), "recording_id"?,
-  "requester"?}`` -> ``{"key_id", "data_key" (base64)}``. Only the named tenant's keys are used:
-  another tenant's key id is a 404 like a missing one. Every attempt gives one audit line.
+  "requester"?}`` -> ``{"key_id", "data_key" (base64)}``; or ``"candidates": [{"key_id",
+  "wrapped_key"}, ...]`` instead of one pair (the first key the tenant holds is used). Only the
+  named tenant's keys are used: another tenant's key id is a 404 like a missing one. Every attempt
+  gives one audit line.
 - ``GET /api/v1/tenants/{tenant}/certificates`` (``Bearer <crypto_server.admin_token>``): the
   tenant's keys as certificates (key id, subject, validity, bits, PEM certificate).
 - ``POST /api/v1/tenants/{tenant}/certificates`` (admin): ``{"certificate", "private_key"}`` imports
@@ -36,7 +38,8 @@ audit = logging.getLogger("callvault.audit")
 
 API = "/api/v1"
 MAX_BODY = 64 * 1024
-MAX_WRAPPED = 1024  # an RSA-16384 block; real ones are 256-512 bytes
+MAX_WRAPPED = 1024  # an RSA-8192 block; real ones are 256-512 bytes
+MAX_CANDIDATES = 16  # envelope.MAX_KEYS
 
 
 class ApiError(Exception):
@@ -98,6 +101,33 @@ def _string(data: dict[str, Any], name: str, *, required: bool = True, limit: in
     return value
 
 
+def _candidates(data: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The (key id, wrapped key) pairs of an unwrap request: ``key_id`` + ``wrapped_key``, or a list
+    ``candidates`` of such objects (a recording wrapped for several certificates: the first key the
+    tenant holds is used)."""
+    if "candidates" in data:
+        items = data["candidates"]
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_CANDIDATES:
+            raise ApiError(400, "bad_request", f"candidates must be a list of 1-{MAX_CANDIDATES} objects")
+    else:
+        items = [data]
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ApiError(400, "bad_request", "each candidate must be an object {key_id, wrapped_key}")
+        key_id = _string(item, "key_id", limit=64)
+        if not valid_key_id(key_id):
+            raise ApiError(400, "bad_request", "key_id must be 64 lower-case hex digits")
+        try:
+            wrapped = base64.b64decode(_string(item, "wrapped_key", limit=2 * MAX_WRAPPED), validate=True)
+        except binascii.Error:
+            raise ApiError(400, "bad_request", "wrapped_key must be base64") from None
+        if not 0 < len(wrapped) <= MAX_WRAPPED:
+            raise ApiError(400, "bad_request", f"wrapped_key must be 1-{MAX_WRAPPED} bytes")
+        out.append((key_id, wrapped))
+    return out
+
+
 class CryptoApi:
     def __init__(self, config: ClusterConfig, keystore: Keystore) -> None:
         self.config = config
@@ -125,23 +155,16 @@ class CryptoApi:
         self._auth(request, self.config.crypto_server.internal_token, "internal token")
         data = await _json(request)
         tenant = _string(data, "tenant", limit=63)
-        key_id = _string(data, "key_id", limit=64)
         recording = _string(data, "recording_id", required=False, limit=128)
         requester = _string(data, "requester", required=False, limit=256)
-        if not valid_key_id(key_id):
-            raise ApiError(400, "bad_request", "key_id must be 64 lower-case hex digits")
-        try:
-            wrapped = base64.b64decode(_string(data, "wrapped_key", limit=2 * MAX_WRAPPED), validate=True)
-        except binascii.Error:
-            raise ApiError(400, "bad_request", "wrapped_key must be base64") from None
-        if not 0 < len(wrapped) <= MAX_WRAPPED:
-            raise ApiError(400, "bad_request", f"wrapped_key must be 1-{MAX_WRAPPED} bytes")
+        candidates = _candidates(data)
+        asked = ",".join(k for k, _ in candidates)
 
         def outcome(result: str) -> None:
             audit.info(
                 "unwrap tenant=%s key_id=%s recording=%s requester=%s remote=%s instance=%s -> %s",
                 tenant,
-                key_id,
+                asked,
                 recording or "-",
                 requester or "-",
                 request.remote,
@@ -151,13 +174,13 @@ class CryptoApi:
 
         try:
             self._tenant(tenant)
-            data_key = await asyncio.to_thread(self.keystore.unwrap, tenant, key_id, wrapped)
+            key_id, data_key = await asyncio.to_thread(self.keystore.unwrap_first, tenant, candidates)
         except ApiError:
             outcome("unknown tenant")
             raise
         except UnknownKey:
             outcome("unknown key")
-            raise ApiError(404, "unknown_key", f"tenant {tenant!r} holds no key {key_id}") from None
+            raise ApiError(404, "unknown_key", f"tenant {tenant!r} holds none of the keys {asked}") from None
         except EnvelopeError as exc:
             outcome("does not unwrap")
             raise ApiError(422, "unwrap_failed", str(exc)) from None
@@ -165,7 +188,7 @@ class CryptoApi:
             outcome("keystore error")
             log.error("keystore: %s", exc)
             raise ApiError(500, "keystore_error", "the key cannot be read from the keystore") from None
-        outcome("ok")
+        outcome(f"ok with {key_id}" if len(candidates) > 1 else "ok")
         return web.json_response({"key_id": key_id, "data_key": base64.b64encode(data_key).decode()})
 
     async def list_certificates(self, request: web.Request) -> web.Response:

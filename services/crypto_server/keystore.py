@@ -217,6 +217,24 @@ class Keystore:
         loaded = self._load(tenant, key_id)
         return envelope.unwrap_with_private_key(wrapped, loaded.private)
 
+    def unwrap_first(self, tenant: str, candidates: list[tuple[str, bytes]]) -> tuple[str, bytes]:
+        """Unwrap with the first of ``candidates`` (key id, wrapped key) whose key the tenant holds.
+
+        A held key that does not open its wrapped key does not stop the search; when nothing
+        unwraps, that EnvelopeError is raised, else UnknownKey.
+        """
+        failure: EnvelopeError | None = None
+        for key_id, wrapped in candidates:
+            try:
+                return key_id, self.unwrap(tenant, key_id, wrapped)
+            except UnknownKey:
+                continue
+            except EnvelopeError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        raise UnknownKey(f"tenant {tenant!r} holds none of the {len(candidates)} keys")
+
     def list(self, tenant: str) -> list[KeyInfo]:
         """The tenant's keys (certificates only), oldest validity first."""
         if not valid_tenant(tenant):

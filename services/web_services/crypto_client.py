@@ -7,7 +7,7 @@ instance costs at most one timeout. A definite refusal (the tenant holds no such
 key does not open) is not retried elsewhere: every instance reads the same keystore.
 
 Unwrapped data keys stay in memory for ``crypto_server.key_cache_seconds`` (a player's seeks are
-many range requests of one recording), keyed by tenant, key id and the wrapped key itself.
+many range requests of one recording), keyed by tenant and the wrapped keys themselves.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CryptoClient:
         self._session: aiohttp.ClientSession | None = None
         self._next = 0
         self._skip_until: dict[str, float] = {}
-        self._cache: OrderedDict[tuple[str, str, bytes], tuple[float, bytes]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, bytes], tuple[float, bytes]] = OrderedDict()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -67,9 +67,13 @@ class CryptoClient:
         up = [u for u in rotated if self._skip_until.get(u, 0.0) <= now]
         return up + [u for u in rotated if u not in up]  # skipped ones last, not never
 
-    async def unwrap(self, tenant: str, key_id: str, wrapped: bytes, recording_id: str = "") -> bytes:
-        """The data key of ``wrapped``; raises UnwrapRefused or CryptoUnavailable."""
-        cache_key = (tenant, key_id, hashlib.sha256(wrapped).digest())
+    async def unwrap(self, tenant: str, candidates: list[tuple[str, bytes]], recording_id: str = "") -> bytes:
+        """The data key wrapped in ``candidates`` (key id, wrapped key): one request, the Crypto
+        Server uses the first key the tenant holds. Raises UnwrapRefused or CryptoUnavailable."""
+        digest = hashlib.sha256()
+        for key_id, wrapped in candidates:
+            digest.update(key_id.encode() + len(wrapped).to_bytes(2, "big") + wrapped)
+        cache_key = (tenant, digest.digest())
         now = time.monotonic()
         hit = self._cache.get(cache_key)
         if hit is not None and hit[0] > now:
@@ -83,8 +87,10 @@ class CryptoClient:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         body = {
             "tenant": tenant,
-            "key_id": key_id,
-            "wrapped_key": base64.b64encode(wrapped).decode(),
+            "candidates": [
+                {"key_id": key_id, "wrapped_key": base64.b64encode(wrapped).decode()}
+                for key_id, wrapped in candidates
+            ],
             "recording_id": recording_id,
             "requester": self.requester,
         }
@@ -129,7 +135,7 @@ class CryptoClient:
         log.warning("Crypto Server %s failed, trying the next instance: %s", url, reason)
         self._skip_until[url] = time.monotonic() + SKIP_SECONDS
 
-    def _remember(self, cache_key: tuple[str, str, bytes], data_key: bytes) -> None:
+    def _remember(self, cache_key: tuple[str, bytes], data_key: bytes) -> None:
         if self.cache_seconds <= 0:
             return
         self._cache[cache_key] = (time.monotonic() + self.cache_seconds, data_key)

@@ -2,8 +2,8 @@
 
 The stored object (disk file or S3 object, any :class:`AudioSource` over the ciphertext) starts with
 the envelope header (services/storage/envelope.py). :func:`open_encrypted` reads the header, asks
-the Crypto Server to unwrap the data key with one of the key ids it lists (those the metadata
-names first), and returns a :class:`DecryptingAudio` whose ``size`` is the plaintext size: a range
+the Crypto Server in one request to unwrap the data key with the first of the wrapped keys whose key
+the tenant holds (those the metadata names first), and returns a :class:`DecryptingAudio` whose ``size`` is the plaintext size: a range
 request is mapped to the chunks that cover it, only those are read and authenticated (in a worker
 thread), and the bytes served are exactly those of the original recording.
 """
@@ -23,6 +23,8 @@ from services.web_services.audio import AudioSource, AudioUnavailable
 from services.web_services.crypto_client import CryptoClient, CryptoUnavailable, UnwrapRefused
 
 log = logging.getLogger("callvault.web_services.audio")
+
+HEADER_READ = 4096
 
 
 async def _read(src: AudioSource, first: int, last: int) -> bytes:
@@ -92,11 +94,14 @@ async def open_encrypted(
     try:
         if raw.size < envelope.FIXED_SIZE + 4:
             raise EnvelopeError("the stored object is too short to be an encrypted recording")
-        head = await _read(raw, 0, envelope.FIXED_SIZE + 3)
+        # one read holds the header of up to ~7 wrapped 4096-bit keys (one S3 GET, not two)
+        head = await _read(raw, 0, min(raw.size, HEADER_READ) - 1)
         size = envelope.header_size(head)
         if size > raw.size:
             raise EnvelopeError("the header is truncated")
-        header = envelope.parse_header(await _read(raw, 0, size - 1))
+        if size > len(head):
+            head += await _read(raw, len(head), size - 1)
+        header = envelope.parse_header(head[:size])
         if header.total_size != raw.size:
             raise EnvelopeError(
                 f"the stored object has {raw.size} bytes, its header says {header.total_size}: truncated or padded"
@@ -109,18 +114,14 @@ async def open_encrypted(
     meta = doc.get("encryption") or {}
     preferred = [k for k in meta.get("key_ids", []) if isinstance(k, str) and k in header.wrapped_keys]
     order = preferred + [k for k in header.wrapped_keys if k not in preferred]
-    refusals: list[str] = []
-    for kid in order:
-        try:
-            data_key = await crypto.unwrap(doc["tenant"], kid, header.wrapped_keys[kid], str(rid))
-        except UnwrapRefused as exc:
-            refusals.append(f"{kid[:12]}: {exc}")
-            continue
-        except CryptoUnavailable as exc:
-            log.error("recording %s: %s", rid, exc)
-            raise AudioUnavailable(503, "crypto_unavailable", "the Crypto Server cannot be reached") from None
-        return DecryptingAudio(raw, header, data_key, content_type)
-    log.warning("recording %s of %s: no key unwrapped (%s)", rid, doc.get("tenant"), "; ".join(refusals))
-    raise AudioUnavailable(
-        403, "key_unavailable", "the Crypto Server holds no key of this tenant that opens the recording"
-    )
+    try:
+        data_key = await crypto.unwrap(doc["tenant"], [(k, header.wrapped_keys[k]) for k in order], str(rid))
+    except UnwrapRefused as exc:
+        log.warning("recording %s of %s: no key unwrapped (%s: %s)", rid, doc.get("tenant"), exc.code, exc)
+        raise AudioUnavailable(
+            403, "key_unavailable", "the Crypto Server holds no key of this tenant that opens the recording"
+        ) from None
+    except CryptoUnavailable as exc:
+        log.error("recording %s: %s", rid, exc)
+        raise AudioUnavailable(503, "crypto_unavailable", "the Crypto Server cannot be reached") from None
+    return DecryptingAudio(raw, header, data_key, content_type)

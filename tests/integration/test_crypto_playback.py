@@ -324,6 +324,17 @@ async def test_encrypted_recording_in_s3_plays_back_bit_identical(env: Env) -> N
             assert resp.status == 206 and await resp.read() == plain[first : last + 1]
 
 
+async def test_many_certificates_a_header_over_4_kib(env: Env) -> None:
+    """14 certificates (rotation gone wild): the header no longer fits Web Services' first read."""
+    extra = [make_cert(f"extra{i}").write(env.cluster.dir / "certs", f"extra{i}")[0] for i in range(13)]
+    doc, plain = await env.record("acme", certs=[*map(str, extra), str(env.cluster.dir / "certs/acme.crt")])
+    assert len(doc["encryption"]["key_ids"]) == 14
+    with open(env.disk.path(doc["storage"]["key"]), "rb") as f:
+        assert envelope.read_header(f).data_offset > 4096
+    async with env.get(f"/api/v1/recordings/{doc['id']}/audio", Range="bytes=100-199") as resp:
+        assert resp.status == 206 and await resp.read() == plain[100:200]
+
+
 async def test_one_tenant_cannot_read_anothers_recordings(env: Env) -> None:
     doc, _ = await env.record("globex")
     # globex's recording with acme's API key: not found, like a missing one

@@ -256,6 +256,34 @@ async def test_unwrap_refusals(env: Env, acme_cert: CertPair, globex_cert: CertP
     assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
 
 
+async def test_unwrap_with_candidates_uses_the_first_key_the_tenant_holds(
+    env: Env, acme_cert: CertPair, globex_cert: CertPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_key = os.urandom(32)
+    other = make_cert("not-in-keystore")
+
+    def candidate(cert: CertPair) -> dict[str, str]:
+        return {"key_id": cert.key_id, "wrapped_key": base64.b64encode(wrapped_for(cert, data_key)).decode()}
+
+    # a recording wrapped for three certificates, of which acme holds the last one only
+    body = {"tenant": "acme", "candidates": [candidate(other), candidate(globex_cert), candidate(acme_cert)]}
+    with caplog.at_level(logging.INFO, logger="callvault.audit"):
+        resp = await env.client.post("/api/v1/unwrap", json=body, headers=bearer(INTERNAL))
+        assert resp.status == 200
+        got = await resp.json()
+    assert got["key_id"] == acme_cert.key_id and base64.b64decode(got["data_key"]) == data_key
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "callvault.audit"]
+    assert line.endswith(f"-> ok with {acme_cert.key_id}")
+    body = {"tenant": "acme", "candidates": [candidate(other), candidate(globex_cert)]}
+    resp = await env.client.post("/api/v1/unwrap", json=body, headers=bearer(INTERNAL))
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "unknown_key"
+    for bad in ([], [1], [candidate(acme_cert)] * 17, "x"):
+        resp = await env.client.post(
+            "/api/v1/unwrap", json={"tenant": "acme", "candidates": bad}, headers=bearer(INTERNAL)
+        )
+        assert resp.status == 400, bad
+
+
 async def test_key_management_never_returns_a_private_key(env: Env, acme_cert: CertPair) -> None:
     resp = await env.client.get("/api/v1/tenants/acme/certificates", headers=bearer(ADMIN))
     assert resp.status == 200
