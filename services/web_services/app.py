@@ -40,6 +40,7 @@ from services.web_services.store import (
     MetadataStore,
     PutResult,
     SearchFilters,
+    StoreUnavailable,
     decode_cursor,
 )
 
@@ -117,6 +118,11 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(exc.status, _CODES.get(exc.status, "error"), message, keep)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except StoreUnavailable as exc:
+        log.error("%s %s -> 503: metadata store unavailable: %s", request.method, request.path, exc)
+        return error_response(
+            503, "store_unavailable", "the metadata store is unavailable; retry", {"Retry-After": "1"}
+        )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")

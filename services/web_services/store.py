@@ -46,6 +46,13 @@ class CursorError(ValueError):
     """A pagination cursor is malformed (not one this service issued)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot serve now (database locked or unreachable, replicas down, timeouts).
+
+    The API answers 503 with Retry-After: the request may be retried, here or on another instance.
+    """
+
+
 class PutResult(enum.Enum):
     """Outcome of an idempotent insert."""
 
@@ -208,7 +215,10 @@ class SqliteMetadataStore(MetadataStore):
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise RuntimeError("the store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout, I/O error, disk full
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
 
     async def open(self) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")

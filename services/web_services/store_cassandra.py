@@ -51,6 +51,7 @@ from services.web_services.store import (
     Page,
     PutResult,
     SearchFilters,
+    StoreUnavailable,
     canonical,
     decode_cursor,
     encode_cursor,
@@ -80,10 +81,6 @@ _DC_RE = re.compile(r"[A-Za-z0-9_\-.]+")
 
 class CassandraConfigError(ValueError):
     """A Cassandra setting (replication, consistency, keyspace) is malformed."""
-
-
-class StoreUnavailable(RuntimeError):
-    """The cluster cannot be reached or refused the schema at start-up."""
 
 
 def parse_replication(value: str) -> dict[str, Any]:
@@ -375,7 +372,14 @@ class CassandraMetadataStore(MetadataStore):
         stmt = self._prepared.get(name)
         if stmt is None or self.session is None:
             raise RuntimeError("the store is not open")
-        return list(await bridge(self.session.execute_async(stmt, params)))
+        from cassandra import OperationTimedOut, RequestExecutionException
+        from cassandra.cluster import NoHostAvailable
+
+        try:
+            return list(await bridge(self.session.execute_async(stmt, params)))
+        except (RequestExecutionException, OperationTimedOut, NoHostAvailable) as exc:
+            # replicas down, timeouts, no connection: the request may be retried
+            raise StoreUnavailable(f"Cassandra {name}: {type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ writes
     async def put(self, doc: dict[str, Any]) -> PutResult:

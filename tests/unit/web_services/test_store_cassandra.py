@@ -26,11 +26,10 @@ import pytest
 from cassandra import ConsistencyLevel, Unavailable
 
 from services import config as config_mod
-from services.web_services.store import PutResult, SearchFilters, create_store
+from services.web_services.store import PutResult, SearchFilters, StoreUnavailable, create_store
 from services.web_services.store_cassandra import (
     CassandraConfigError,
     CassandraMetadataStore,
-    StoreUnavailable,
     bridge,
     parse_contact_point,
     parse_replication,
@@ -317,7 +316,7 @@ async def test_interrupted_put_is_repaired_by_the_retry(
     session.fail["index_day"] = Unavailable(
         "not enough replicas", consistency=4, required_replicas=2, alive_replicas=1
     )
-    with pytest.raises(Unavailable):
+    with pytest.raises(StoreUnavailable, match="Unavailable"):
         await store.put(doc)
     assert (await store.search("acme", SearchFilters())).items == []
     assert await store.put(doc) is PutResult.EXISTS
