@@ -129,6 +129,13 @@ async def _open_s3(s3: S3Client, storage: dict[str, Any], content_type: str) -> 
     from services.storage.s3 import S3Error
 
     key = str(storage["key"])
+    bucket = storage.get("bucket")
+    if bucket and bucket != s3.bucket:
+        raise AudioUnavailable(
+            501,
+            "not_implemented",
+            f"the recording is in S3 bucket {bucket!r}, this instance reads {s3.bucket!r}",
+        )
     try:
         found = await s3.head(key)
     except S3Error as exc:

@@ -187,6 +187,7 @@ async def test_web_services_audio_source_for_s3_objects(seaweed: SeaweedS3, tmp_
             ({"storage": {"kind": "s3", "key": key + "x"}}, writer.client, 404),
             ({"storage": {"kind": "s3", "key": key}}, down, 503),
             ({"storage": {"kind": "s3", "key": key}}, None, 501),
+            ({"storage": {"kind": "s3", "key": key, "bucket": "elsewhere"}}, writer.client, 501),
         ]
         for bad, client, status in cases:
             with pytest.raises(AudioUnavailable) as info:
