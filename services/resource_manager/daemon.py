@@ -139,8 +139,10 @@ async def run(
         if inst is not None and len(rm.instances) > 1:
             peers = [Peer(i.name, i.host, i.replication_port) for i in rm.instances if i.name != inst.name]
             replicator = Replicator(
-                inst.name, proxy.store, host=inst.host, port=inst.replication_port, peers=peers
-            )
+                inst.name, proxy.store, host=inst.host, port=inst.replication_port, peers=peers,
+                on_mcp_down=proxy.peer_found_down,
+            )  # fmt: skip
+            proxy.tell_peers = replicator.mcp_down
             await replicator.start()
             # A (re)started RM learns the sessions its peers placed before it serves (docs/HA.md).
             synced = await replicator.wait_synced(rm.sync_timeout)

@@ -147,6 +147,13 @@ class McpPool:
         log.debug("MCP %s: probe failed (%d/%d): %s", name, node.misses, self.failures_before_down, reason)
         return None
 
+    def mark_down(self, name: str, now: float, reason: str) -> Transition | None:
+        """Another RM found the MCP dead (active/active): down here too, until a probe answers."""
+        node = self.nodes[name]
+        node.misses = max(node.misses, self.failures_before_down)
+        node.last_error = reason
+        return self._fire(node, "lost", now, reason)
+
     def healthy(self, name: str) -> bool:
         node = self.nodes.get(name)
         return node is not None and node.state is Health.UP

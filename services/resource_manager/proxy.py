@@ -261,6 +261,8 @@ class Proxy:
         )
         self.accepting = True
         self.on_mcp_down: Callable[[str, list[AffinityEntry]], None] = self._report_down
+        #: Active/active: tells the peer RMs about an MCP this RM found dead.
+        self.tell_peers: Callable[[str], None] | None = None
         # CSeq of the BYEs the RM sends for the MCPs it lost: above any the MCP itself used.
         self._cseq = itertools.count(1_000_000)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -549,6 +551,18 @@ class Proxy:
     def _note(self, transition: Transition | None) -> None:
         if transition is not None and transition.new is Health.DOWN:
             self.on_mcp_down(transition.mcp, self.store.sessions_on(transition.mcp))
+            if self.tell_peers is not None:
+                self.tell_peers(transition.mcp)
+
+    def peer_found_down(self, mcp: str, peer: str) -> None:
+        """A peer RM declared ``mcp`` down: no new session goes there from here either (its
+        sessions were ended by the peer, whose affinity changes arrived before this news)."""
+        if mcp not in self.pool.nodes:
+            log.warning("RM %s reports unknown MCP %r down", peer, mcp[:64])
+            return
+        transition = self.pool.mark_down(mcp, self.clock(), f"reported down by {peer}")
+        if transition is not None:
+            self.on_mcp_down(mcp, self.store.sessions_on(mcp))
 
     def note(self, transition: Transition | None) -> None:
         """Act on a health transition observed by the prober."""

@@ -11,6 +11,7 @@ Wire format: one JSON object per line (UTF-8), at most ``MAX_LINE`` bytes::
     {"t": "hello", "name": "rm1"}                    first line on each side
     {"t": "snapshot", "entries": [entry dict, ...]}  the sender's whole state
     {"t": "put", "entry": {...}} / {"t": "remove", "session_id": "..."}   one change
+    {"t": "mcp_down", "mcp": "mcp1"}                 the sender found this MCP dead
 
 :class:`LinkCodec` is the sans-I/O part (encode, decode, apply to a store); :class:`Replicator`
 moves lines over asyncio streams. A snapshot is merged, not substituted: an entry of the peer
@@ -78,7 +79,13 @@ class LinkCodec:
             msg = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ReplicationError(f"not JSON: {exc}") from None
-        if not isinstance(msg, dict) or msg.get("t") not in ("hello", "snapshot", "put", "remove"):
+        if not isinstance(msg, dict) or msg.get("t") not in (
+            "hello",
+            "snapshot",
+            "put",
+            "remove",
+            "mcp_down",
+        ):
             raise ReplicationError(f"unknown message {str(msg)[:80]!r}")
         return msg
 
@@ -107,6 +114,18 @@ class LinkCodec:
         return 0
 
 
+async def _reachable(peer: Peer, timeout: float) -> bool:
+    """Whether the peer's replication port accepts connections (the peer runs)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(peer.host, peer.port), min(1.0, timeout))
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return True
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
@@ -123,6 +142,7 @@ class Replicator:
         port: int,
         peers: list[Peer],
         on_sync: Callable[[str], None] | None = None,
+        on_mcp_down: Callable[[str, str], None] | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -130,6 +150,8 @@ class Replicator:
         self.port = port
         self.peers = peers
         self.on_sync = on_sync
+        #: (mcp, peer name) when a peer reports an MCP dead
+        self.on_mcp_down = on_mcp_down
         self.synced: dict[str, asyncio.Event] = {p.name: asyncio.Event() for p in peers}
         self._queues: dict[str, asyncio.Queue[bytes]] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -148,23 +170,26 @@ class Replicator:
         )  # fmt: skip
 
     async def wait_synced(self, timeout: float) -> list[str]:
-        """Wait until every peer's snapshot arrived, or ``timeout``; returns the peers synced."""
-        waits = [asyncio.ensure_future(e.wait()) for e in self.synced.values()]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
-            for w in pending:
-                w.cancel()
+        """Wait until the snapshot of every peer that is up arrived (a peer whose replication port
+        refuses connections is not waited for), at most ``timeout``; returns the peers synced."""
+
+        async def one(peer: Peer) -> None:
+            if not self.synced[peer.name].is_set() and await _reachable(peer, timeout):
+                await self.synced[peer.name].wait()
+
+        if self.peers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(one(p) for p in self.peers)), timeout)
         return [name for name, e in self.synced.items() if e.is_set()]
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
         with contextlib.suppress(ValueError):
             self.store.listeners.remove(self._on_change)
 
@@ -174,8 +199,14 @@ class Replicator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def mcp_down(self, mcp: str) -> None:
+        """Tell every peer that this RM found ``mcp`` dead (after the affinity changes it made)."""
+        self._broadcast(_line({"t": "mcp_down", "mcp": mcp}))
+
     def _on_change(self, change: Change) -> None:
-        line = LinkCodec.change(change)
+        self._broadcast(LinkCodec.change(change))
+
+    def _broadcast(self, line: bytes) -> None:
         for peer, queue in list(self._queues.items()):
             if queue.qsize() >= MAX_BACKLOG:
                 log.error("replication to %s is %d changes behind; resynchronising", peer, queue.qsize())
@@ -219,7 +250,11 @@ class Replicator:
         sender: asyncio.Task[None] | None = None
         try:
             writer.write(LinkCodec.hello(self.name))
-            hello = LinkCodec.decode(await asyncio.wait_for(reader.readline(), 5.0))
+            first = await asyncio.wait_for(reader.readline(), 5.0)
+            if not first:
+                log.debug("replication connection from %s closed before its hello (a probe)", peer_addr)
+                return
+            hello = LinkCodec.decode(first)
             if hello.get("t") != "hello" or not isinstance(hello.get("name"), str):
                 raise ReplicationError("the first line is not a hello")
             name = hello["name"]
@@ -242,6 +277,10 @@ class Replicator:
                 if not line.endswith(b"\n"):
                     raise ReplicationError("line too long or cut short")
                 msg = LinkCodec.decode(line)
+                if msg["t"] == "mcp_down":
+                    if self.on_mcp_down is not None and isinstance(msg.get("mcp"), str):
+                        self.on_mcp_down(msg["mcp"], name)
+                    continue
                 touched = LinkCodec.apply(self.store, msg)
                 if msg["t"] == "snapshot":
                     log.info("snapshot from %s: %d session(s) merged", name, touched)
@@ -259,11 +298,7 @@ class Replicator:
                 del self._queues[name]
             if sender is not None:
                 sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await sender
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            writer.close()  # not awaited: a cancelled link must not wait on its peer
             log.info("replication link with %s down", name)
 
     @staticmethod

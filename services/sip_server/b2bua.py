@@ -929,26 +929,41 @@ class B2BUA:
         self._spawn(self._rejoin(call, rerecord=rerecord), f"rejoin-{state.id[:8]}")
 
     async def _rejoin(self, call: Call, *, rerecord: bool = False) -> None:
+        # The next part's bridge is opened while the phones are re-joined (it needs only A's
+        # media, which the re-join does not change): the recording gap shrinks by that much.
+        part = asyncio.ensure_future(self._open_part(call)) if rerecord else None
+        try:
+            moved = await self._rejoin_parties(call, part)
+        finally:
+            if part is not None and not moved:
+                self._spawn(self._discard_part(call, part), f"discard-part-{call.state.id[:8]}")
+
+    async def _rejoin_parties(
+        self, call: Call, part: asyncio.Future[SessionDescription | None] | None
+    ) -> bool:
+        """Re-INVITE B and A to talk directly; then, with ``part``, move them onto its MCP.
+        Returns True when ``part`` was taken over."""
         state = call.state
+        rerecord = part is not None
         if state.phase != CallPhase.CONFIRMED:
             # still being set up (the ACK of A may be on its way): re-join once it is established
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(call.confirmed.wait(), 35.0)
         async with call.lock:
             if state.phase != CallPhase.CONFIRMED:
-                return
+                return False
             try:
                 a_sdp = SessionDescription.parse(state.a.remote_sdp)
                 a_addr, a_port = a_sdp.media_address(media.first_audio(a_sdp) or 0)
                 b_offer = media.anchor(a_sdp, a_addr, a_port, state.b.owner).to_bytes()
             except (SdpParseError, MediaError, ValueError) as exc:
                 log.error("call %s: cannot re-join the parties: %s", state.id[:8], exc)
-                return
+                return False
             resp = await self._reinvite(call, state.b, b_offer)
             if resp is None or resp.status >= 300:
                 log.error("call %s: re-join re-INVITE to B failed; ending the call", state.id[:8])
                 await self.end_call(call, "re-join failed")
-                return
+                return False
             state.b.local_sdp, state.b.remote_sdp = b_offer, resp.body
             try:
                 b_sdp = SessionDescription.parse(resp.body)
@@ -956,12 +971,12 @@ class B2BUA:
                 a_offer = media.anchor(b_sdp, b_addr, b_port, state.a.owner).to_bytes()
             except (SdpParseError, MediaError, ValueError) as exc:
                 log.error("call %s: cannot re-join A: %s", state.id[:8], exc)
-                return
+                return False
             resp = await self._reinvite(call, state.a, a_offer)
             if resp is None or resp.status >= 300:
                 log.error("call %s: re-join re-INVITE to A failed; ending the call", state.id[:8])
                 await self.end_call(call, "re-join failed")
-                return
+                return False
             state.a.local_sdp, state.a.remote_sdp = a_offer, resp.body
             log.info(
                 "call %s: parties re-joined directly (%s)",
@@ -969,34 +984,55 @@ class B2BUA:
                 "recording again next" if rerecord else "unrecorded from now on",
             )
             self._changed(call)
-            if rerecord and state.phase == CallPhase.CONFIRMED:
-                await self._rerecord(call)
+            if part is not None and state.phase == CallPhase.CONFIRMED:
+                await self._rerecord(call, part)
+                return True
+            return False
 
-    async def _rerecord(self, call: Call) -> None:
-        """Record a re-joined call again after its MCP died (issue 5): a new bridge INVITE with the
-        same X-CV-Session and X-CV-Call and X-CV-Part + 1 (the RM places it on a healthy MCP), then
-        both phones re-INVITEd onto the new MCP's ports. Called with the call's lock held. Any
-        failure leaves the call re-joined and unrecorded, with an error logged."""
+    async def _open_part(self, call: Call) -> SessionDescription | None:
+        """Open the bridge of the call's next recording part (same X-CV-Session and X-CV-Call,
+        X-CV-Part + 1; the RM places it on a healthy MCP). Returns A's SDP it was offered, or None
+        when no bridge came up."""
         state = call.state
         try:
             a_sdp = SessionDescription.parse(state.a.remote_sdp)
         except SdpParseError as exc:
             log.error("call %s: cannot record again (A's SDP: %s)", state.id[:8], exc)
-            return
+            return None
         state.part += 1
         try:
             await self._open_recording(call, a_sdp)
         except Exception:
             log.exception("call %s: opening recording part %d failed", state.id[:8], state.part)
             state.recording = False
-        rec = state.rec
-        if not state.recording or rec is None:
+        if not state.recording or state.rec is None:
             log.error(
                 "call %s: recording part %d not started; the call goes on unrecorded",
                 state.id[:8],
                 state.part,
             )
+            return None
+        return a_sdp
+
+    async def _discard_part(self, call: Call, part: asyncio.Future[SessionDescription | None]) -> None:
+        """The re-join failed or the call ended: the next part's bridge, if it came up, goes."""
+        if await part is not None and call.state.rec is not None:
+            await self._drop_recording(call, call.state.rec, "call not re-joined")
+
+    async def _rerecord(self, call: Call, part: asyncio.Future[SessionDescription | None]) -> None:
+        """Record a re-joined call again after its MCP died (issue 5): once the next part's bridge
+        is up (``part``), both phones are re-INVITEd onto the new MCP's ports. Called with the
+        call's lock held. Any failure leaves the call re-joined and unrecorded, with an error
+        logged."""
+        state = call.state
+        offered = await part
+        rec = state.rec
+        if offered is None or rec is None or not state.recording:
             return
+        try:
+            a_sdp = SessionDescription.parse(state.a.remote_sdp)
+        except SdpParseError:
+            a_sdp = offered
         try:
             b_offer = media.anchor(a_sdp, *state.mcp["callee"], state.b.owner).to_bytes()
         except (MediaError, ValueError) as exc:

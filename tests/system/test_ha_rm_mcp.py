@@ -29,8 +29,13 @@ from tests.system.conftest import LabApi
 pytestmark = pytest.mark.system
 
 CALLER, CALLEE = "1001", "1002"
-#: Fast MCP failure detection for the lab: OPTIONS every 0.2 s, down after 3 misses (0.6-0.8 s).
-FAST_PROBES = {"resource_manager.options_interval": 0.2, "resource_manager.failures_before_down": 3}
+#: Fast MCP failure detection for the lab: OPTIONS every 0.2 s, down after 3 misses (0.6-0.8 s);
+#: an MCP silent to an INVITE for 0.5 s is skipped for the next one.
+FAST_PROBES = {
+    "resource_manager.options_interval": 0.2,
+    "resource_manager.failures_before_down": 3,
+    "resource_manager.failover_timeout": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,7 @@ async def _callee(lab: Lab, workdir: Path) -> Sipp:
     )  # fmt: skip
 
 
-def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int) -> Sipp:
+def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int, trace: bool = False) -> Sipp:
     """SIPp calls that answer the SIP Server's re-INVITEs and hang up ``hold_ms`` after the last."""
     return Sipp(
         "uac_pcap_reinvite_auth.xml",
@@ -79,7 +84,7 @@ def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int) -
         max_calls=calls,
         limit=calls,
         recv_timeout_ms=hold_ms,
-        trace_messages=False,
+        trace_messages=trace,
     )
 
 
@@ -147,6 +152,43 @@ async def test_drained_mcp_takes_no_new_sessions_and_finishes_its_calls(
     log = ha_lab.daemons["mcp1"].log_path.read_text()
     assert "draining" in log and "back in service" in log
     print(f"\nDrain: {len(on_drained)} calls finished on the drained MCP, 10 of 10 new calls on mcp2")
+
+
+async def test_drained_sip_server_refuses_new_calls_and_keeps_its_calls(
+    ha_lab: Lab, ha_api: LabApi, tmp_path: Path
+) -> None:
+    """SIGUSR1 to the active SIP Server: a new call gets 503, the established calls go on to their
+    BYE (recorded whole); SIGUSR2: new calls are taken again."""
+    active = next(label for label in ("sip-server-a", "sip-server") if label in ha_lab.daemons)
+    since = datetime.now(UTC) - timedelta(seconds=2)
+    uas = await _callee(ha_lab, tmp_path / "uas")
+    established = _caller(ha_lab, tmp_path / "established", rate=10.0, calls=5, hold_ms=3000)
+    refused = _caller(ha_lab, tmp_path / "refused", rate=10.0, calls=1, hold_ms=500, trace=True)
+    again = _caller(ha_lab, tmp_path / "again", rate=10.0, calls=1, hold_ms=500)
+    try:
+        await established.start()
+        await asyncio.sleep(1.0)
+        ha_lab.daemons[active].signal(signal.SIGUSR1)
+        await asyncio.sleep(0.3)
+        await refused.start()
+        r_refused = await refused.wait(timeout=20)
+        ha_lab.daemons[active].signal(signal.SIGUSR2)
+        await asyncio.sleep(0.3)
+        await again.start()
+        r_again = await again.wait(timeout=20)
+        r_established = await established.wait(timeout=30)
+    finally:
+        for sipp in (established, refused, again):
+            if sipp.running:
+                await sipp.stop()
+        await uas.stop()
+        ha_lab.daemons[active].signal(signal.SIGUSR2)
+    assert r_refused.failed == 1 and 503 in r_refused.received_responses(), r_refused.describe()
+    assert r_again.successful == 1, r_again.describe()
+    assert r_established.successful == 5 and r_established.failed == 0, r_established.describe()
+    assert established.process is not None
+    recs = await _recordings(ha_api, established.process.pid, since, 5, timeout=30)
+    assert len(recs) == 5 and all(r["duration"] > 2.5 for r in recs), recs
 
 
 async def test_mcp_killed_calls_survive_and_recordings_resume(
@@ -295,8 +337,14 @@ async def test_rm_killed_under_20_cps_loses_no_call_and_keeps_affinity(
         await uas.stop()
         await ep.close()
     recs = await _recordings(ha_api, pid, since, calls, timeout=40)
+    by_call = _by_call(recs)
+    recorded = [cid for cid, parts in by_call.items() if any(p["duration"] > 1.0 for p in parts)]
     print(
         f"\nRM kill: {result.successful} of {calls} calls successful, {result.failed} failed, "
-        f"{len(recs)} recordings; rm1 back and synchronised {restarted:.1f} s after the kill"
+        f"{len(recorded)} recorded ({len(recs)} recordings); rm1 back and synchronised "
+        f"{restarted:.1f} s after the kill"
     )
-    assert len(recs) >= calls - 3, f"only {len(recs)} of {calls} calls were recorded"
+    for cid, parts in by_call.items():
+        if len(parts) > 1 or cid not in recorded:
+            print("  ", cid, [(p["part"], p["mcp"], p["duration"]) for p in parts])
+    assert len(recorded) >= calls - 3, f"only {len(recorded)} of {calls} calls were recorded"

@@ -68,3 +68,15 @@ async def test_dead_mcp_dialogs_are_ended_and_the_next_part_moves(rig: Rig) -> N
     # The session's next part goes to the healthy MCP.
     response, _, _ = await rig.call(rig.invite("sX", extra=[]))
     assert response.status == 200 and len(rig.mcps[other].invites) == 1
+
+
+def test_peer_report_marks_down_until_a_probe_answers() -> None:
+    from services.config import McpConfig
+    from services.resource_manager.pool import Health, McpPool
+
+    pool = McpPool([McpConfig(name="mcp1")], failures_before_down=3)
+    assert pool.probe_ok("mcp1", 1.0) is not None
+    t = pool.mark_down("mcp1", 2.0, "reported down by rm1")
+    assert t is not None and t.new is Health.DOWN and not pool.healthy("mcp1")
+    assert pool.mark_down("mcp1", 2.5, "again") is None
+    assert pool.probe_ok("mcp1", 3.0) is not None and pool.healthy("mcp1")

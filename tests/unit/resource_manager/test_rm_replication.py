@@ -53,8 +53,8 @@ async def _pair(
     b = Replicator("rm2", store_b, host="127.0.0.1", port=port_b, peers=[Peer("rm1", "127.0.0.1", 0)])
     await b.start()
     a = Replicator("rm1", store_a, host="127.0.0.1", port=0, peers=[Peer("rm2", "127.0.0.1", b.port)])
-    b.peers[0].port = 0  # rm2 never connects out (rm1 < rm2)
     await a.start()
+    b.peers[0].port = a.port  # rm2 never connects out (rm1 < rm2), but probes rm1 when it starts
     return a, b
 
 
@@ -82,7 +82,7 @@ async def test_changes_both_ways_and_resync_after_restart() -> None:
         await b.close()
         store_a.place("s3", DialogRef("c3", "t3", "mcp1"), tenant="acme", now=4.0)
         fresh = InMemoryAffinityStore()
-        b = Replicator("rm2", fresh, host="127.0.0.1", port=port_b, peers=[Peer("rm1", "127.0.0.1", 0)])
+        b = Replicator("rm2", fresh, host="127.0.0.1", port=port_b, peers=[Peer("rm1", "127.0.0.1", a.port)])
         await b.start()
         assert await b.wait_synced(5.0) == ["rm1"]
         assert {e.session_id for e in fresh.entries()} == {"before", "s1", "s2", "s3"}
@@ -111,3 +111,33 @@ async def test_garbage_from_a_peer_drops_only_that_link() -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_mcp_found_dead_is_reported_to_the_peer() -> None:
+    store_a, store_b = InMemoryAffinityStore(), InMemoryAffinityStore()
+    a, b = await _pair(store_a, store_b)
+    reports: list[tuple[str, str]] = []
+    b.on_mcp_down = lambda mcp, peer: reports.append((mcp, peer))
+    try:
+        await b.wait_synced(5.0)
+        store_a.place("s1", DialogRef("c1", "t1", "mcp1"), tenant="acme", now=1.0)
+        store_a.end("c1", 2.0)
+        a.mcp_down("mcp1")
+        await until(lambda: reports == [("mcp1", "rm1")])
+        assert store_b.get("s1") is None  # the affinity changes came first, on the same link
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_absent_peer_is_not_waited_for() -> None:
+    lone = Replicator(
+        "rm2", InMemoryAffinityStore(), host="127.0.0.1", port=0, peers=[Peer("rm1", "127.0.0.1", 9)]
+    )
+    await lone.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        assert await lone.wait_synced(5.0) == []
+        assert asyncio.get_running_loop().time() - started < 1.5
+    finally:
+        await lone.close()
