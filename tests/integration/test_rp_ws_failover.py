@@ -17,14 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import re
 import signal
 import socket
-import struct
 import time
 import uuid
-import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +34,7 @@ import pytest
 from services.lab import DaemonProcess, to_toml
 from services.storage.disk import DiskWriter, recording_key
 from services.storage.queue import EventQueue
+from tests.helpers.audio import tone_wav
 
 ACME_KEY = "acme-api-key-0123456789"
 INTERNAL = "internal-token-abcdef0123456789"
@@ -47,19 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_wav(path: Path, seconds: float, freq: float) -> None:
-    rate = 8000
-    frames = b"".join(
-        struct.pack("<hh", int(8000 * math.sin(2 * math.pi * freq * n / rate)), 0)
-        for n in range(int(seconds * rate))
-    )
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(2)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(frames)
 
 
 @dataclass
@@ -100,7 +85,7 @@ class Cluster:
         spool = self.tmp / "spool"
         spool.mkdir(exist_ok=True)
         part = spool / f"{rid}.wav.part"
-        await asyncio.to_thread(write_wav, part, seconds, 200.0 + self.n)
+        await asyncio.to_thread(tone_wav, part, seconds, 200.0 + self.n)
         stored = await self.disk.store(part, recording_key("acme", start, rid))
         event = {
             "id": rid,
@@ -118,7 +103,7 @@ class Cluster:
             "duration": seconds,
             "codec": "PCMU",
             "format": "wav",
-            "channels": 2,
+            "channels": 1,
             "sample_rate": 8000,
             "size": stored.size,
             "sha256": stored.sha256,
