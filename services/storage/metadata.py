@@ -178,7 +178,31 @@ def validate_document(doc: Any) -> dict[str, Any]:
         if value is not None and not isinstance(value, dict):
             raise DocumentError(name, "must be a JSON object or null")
         out[name] = value if name == "encryption" else (value or {})
+    if out["encryption"] is not None:
+        _encryption(out["encryption"])
     return out
+
+
+def _encryption(value: dict[str, Any]) -> None:
+    """An encrypted recording's envelope metadata (services/storage/envelope.py): what playback needs
+    must be there and well-formed; never a key."""
+    if not isinstance(value.get("algorithm"), str) or not value["algorithm"]:
+        raise DocumentError("encryption.algorithm", "must be a non-empty string")
+    key_ids = value.get("key_ids")
+    if (
+        not isinstance(key_ids, list)
+        or not key_ids
+        or not all(isinstance(k, str) and _SHA_RE.fullmatch(k) for k in key_ids)
+    ):
+        raise DocumentError("encryption.key_ids", "must be a non-empty list of 64-hex-digit key ids")
+    _int(value.get("chunk_size"), "encryption.chunk_size", 1)
+    _int(value.get("plaintext_size"), "encryption.plaintext_size")
+    sha = value.get("plaintext_sha256")
+    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+        raise DocumentError("encryption.plaintext_sha256", "must be 64 lower-case hex digits")
+    for name in value:
+        if "key" in name.lower() and name != "key_ids":
+            raise DocumentError(f"encryption.{name}", "is not allowed: a document never carries a key")
 
 
 def _storage(value: Any) -> dict[str, Any]:

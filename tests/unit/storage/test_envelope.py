@@ -374,3 +374,29 @@ def test_config_rejects_bad_certificates_naming_the_field(tmp_path: Path, make, 
     path.write_text(TENANT.format(certs='["keys/acme.crt"]'))
     with pytest.raises(config.ConfigError, match=message):
         config.load(path, environ={})
+
+
+# --- the metadata document's "encryption" ---------------------------------------------------------
+
+
+def test_envelope_metadata_is_a_valid_document_field(tmp_path: Path, cert_a: CertPair) -> None:
+    from services.storage.metadata import DocumentError, validate_document
+
+    _, meta = encrypt(tmp_path, b"RIFF" + os.urandom(3000), write_certs(tmp_path, cert_a))
+    base = {
+        "id": "r1", "tenant": "acme", "session_id": "s1", "part": 1, "call_id": "c1", "start": "2024-06-03T09:30:00Z",
+        "end": "2024-06-03T09:30:01Z", "codec": "PCMU", "format": "wav", "channels": 1, "sample_rate": 8000,
+        "size": meta["plaintext_size"], "sha256": meta["plaintext_sha256"], "mcp": "mcp1",
+        "storage": {"kind": "disk", "key": "acme/2024/06/03/r1.wav"},
+    }  # fmt: skip
+    assert validate_document({**base, "encryption": meta})["encryption"] == meta
+    for field, bad, message in [
+        ("key_ids", [], "encryption.key_ids"),
+        ("key_ids", ["abc"], "encryption.key_ids"),
+        ("plaintext_sha256", "x", "encryption.plaintext_sha256"),
+        ("chunk_size", 0, "encryption.chunk_size"),
+        ("algorithm", None, "encryption.algorithm"),
+        ("data_key", "00" * 32, "encryption.data_key: is not allowed"),
+    ]:
+        with pytest.raises(DocumentError, match=message):
+            validate_document({**base, "encryption": {**meta, field: bad}})
