@@ -106,7 +106,18 @@ _RECORDING = {
             "type": "object",
             "description": "fields the producer sent that this version does not know",
         },
-        "encryption": {"type": ["object", "null"]},
+        "encryption": {
+            "type": ["object", "null"],
+            "description": "Envelope of an encrypted recording (docs/CRYPTO.md); never a key",
+            "properties": {
+                "algorithm": {"type": "string"},
+                "version": {"type": "integer"},
+                "chunk_size": {"type": "integer"},
+                "key_ids": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                "plaintext_size": {"type": "integer"},
+                "plaintext_sha256": {"type": "string"},
+            },
+        },
     },
 }
 
