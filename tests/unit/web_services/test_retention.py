@@ -209,8 +209,8 @@ async def test_web_services_daemon_runs_the_job(tmp_path: Path, make_doc: DocFac
     ready = asyncio.Event()
     task = asyncio.create_task(ws_daemon.run(config, ready=ready.set))
     try:
-        await asyncio.wait_for(ready.wait(), 10)
-        for _ in range(100):
+        await asyncio.wait_for(ready.wait(), 20)
+        for _ in range(400):  # 20 s: generous for a loaded CI machine; ~0.3 s normally
             if await store.get("acme", "old") is None:
                 break
             await asyncio.sleep(0.05)
