@@ -505,6 +505,10 @@ class SipEndpoint:
                 if attempt == attempts - 1:
                     raise
                 continue  # the UDP port picked by the kernel was taken for TCP: try another
+            except asyncio.CancelledError:
+                if udp is not None:  # cancelled between the two binds: leave nothing bound
+                    udp.close()
+                raise
             self._udp = udp
             self.port = port
             break

@@ -412,6 +412,9 @@ class HaNode:
                 attempts,
             )
             self._hello_all()
+            peer = self.peer
+            if peer is not None and peer.info is not None and peer.info.state == NodeState.STANDBY:
+                self._send_snapshot(peer)  # a standby already connected (both were standby)
             self._mark_ready()
             return True
         finally:

@@ -255,6 +255,26 @@ async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureF
         await bridge.ep.close()
 
 
+async def test_started_together_the_primary_serves_and_the_standby_syncs() -> None:
+    """Both nodes start at once (as compose starts them): they meet as standbys within the start-up
+    window, the primary takes over at once and the standby gets its snapshot."""
+    bridge = FakeBridge()
+    await bridge.ep.start()
+    sip, ra, rb = free_port(), free_port(), free_port()
+    b = Node(node_config(bridge.ep.port, sip, rb, ra, "node-b", "standby"))
+    a = Node(node_config(bridge.ep.port, sip, ra, rb, "node-a", "primary"))
+    try:
+        await wait_for(lambda: a.ha.state == NodeState.ACTIVE and b.ha.replica.synced, 3.0)
+        assert b.ha.state == NodeState.STANDBY and b.ha.activations == 0
+        p1001 = await phone("1001", sip)
+        await wait_for(lambda: b.ha.replica.bindings.count() == 1)
+        await p1001.close()
+    finally:
+        await b.stop()
+        await a.stop()
+        await bridge.ep.close()
+
+
 async def test_a_stranger_on_the_replication_port_gets_nothing(caplog: pytest.LogCaptureFixture) -> None:
     """Without the pair's secret: no snapshot, no yield, the connection closed with an error logged."""
     bridge = FakeBridge()
