@@ -311,23 +311,13 @@ class CassandraMetadataStore(MetadataStore):
         from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
         from cassandra.query import dict_factory
 
-        by_port: dict[int, list[str]] = {}
-        for host, port in self.contact_points:
-            by_port.setdefault(port, []).append(host)
-        if len(by_port) > 1:
-            # the driver takes one port for all contact points: use the first one's
-            log.warning(
-                "Cassandra contact points on several ports; the driver uses %d", self.contact_points[0][1]
-            )
-        port = self.contact_points[0][1]
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=self.local_dc)),
             row_factory=dict_factory,
             request_timeout=self.request_timeout,
         )
         cluster = Cluster(
-            contact_points=[h for h, _ in self.contact_points],
-            port=port,
+            contact_points=list(self.contact_points),  # (host, port): nodes may listen on different ports
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             connect_timeout=self.connect_timeout,
             protocol_version=4,

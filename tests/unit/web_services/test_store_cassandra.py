@@ -432,6 +432,11 @@ def test_config_selects_the_backend() -> None:
     store = create_store(c)
     assert isinstance(store, CassandraMetadataStore)
     assert store.contact_points == [("c1", 9042), ("c2", 9042)]
+    # every contact point keeps its port (the compose lab publishes its nodes on 9042-9044)
+    assert CassandraMetadataStore(["127.0.0.1:9043", "[::1]"]).contact_points == [
+        ("127.0.0.1", 9043),
+        ("::1", 9042),
+    ]
     assert store.consistency == "LOCAL_QUORUM" and store.replication["replication_factor"] == 3
     for ws, field in [
         ({"backend": "mongo"}, "web_services.backend"),
