@@ -155,7 +155,11 @@ class HaNode:
                 if self.state == NodeState.STANDBY and not self._busy and liveness == PeerLiveness.DEAD:
                     why = "no peer found" if not self.monitor.heard_ever else "the active peer is dead"
                     self._spawn(self.activate(why))
-                await asyncio.sleep(tick)
+                delay = tick
+                if liveness in (PeerLiveness.LOST, PeerLiveness.UNKNOWN) and self.state == NodeState.STANDBY:
+                    # wake up right at the end of the window, not up to a tick later
+                    delay = max(0.002, min(tick, self.monitor.deadline() - self.monotonic()))
+                await asyncio.sleep(delay)
         finally:
             await self.close()
 

@@ -6,7 +6,8 @@ playing the G.711 pcap for CALL_MS before its BYE. Once the 50 calls are establi
 is killed with SIGKILL; an OPTIONS probe every 20 ms measures when the SIP address answers again
 (the standby took it over). All 50 calls must then end normally by BYE through the new active,
 50 recordings must be indexed, none with a gap over 100 ms in either stream, and the old primary,
-restarted, must rejoin as standby holding the replica.
+restarted, must rejoin as standby holding the replica. Alongside, 5 calls from 1003 put themselves
+on hold and resume by re-INVITE after the takeover: the new active relays both re-INVITEs of each.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ CALLS = 50
 RATE = 25.0
 CALL_MS = 6000
 PCAP_PACKETS = 236  # g711a.pcap: 7.08 s of 30 ms packets (longer than CALL_MS: audio until the BYE)
+HOLD_CALLS = 5  # uac_hold_auth.xml: hold and resume re-INVITEs, both after the takeover
+HOLD_STEP_MS = 3500
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +117,24 @@ async def test_kill_primary_with_50_recorded_calls(tmp_path: Path, ha_lab: Lab) 
                 timeout=CALLS / RATE + CALL_MS / 1000 + 40,
             )
         )
-        established = await wait_log_count(primary.log_path, r"established \(recorded\)", CALLS, 15)
-        assert established == CALLS, f"{established} of {CALLS} calls established before the kill"
+        hold = asyncio.ensure_future(
+            run_uac(
+                "uac_hold_auth.xml",
+                remote,
+                workdir=tmp_path / "hold",
+                service="1002",
+                user="1003",
+                auth=("1003", users["1003"]),
+                rate=float(HOLD_CALLS),
+                max_calls=HOLD_CALLS,
+                duration_ms=HOLD_STEP_MS,
+                timeout=3 * HOLD_STEP_MS / 1000 + 40,
+            )
+        )
+        total = CALLS + HOLD_CALLS
+        established = await wait_log_count(primary.log_path, r"established \(recorded\)", total, 15)
+        assert established == total, f"{established} of {total} calls established before the kill"
+        assert count_log(primary.log_path, r"INVITE offer from caller") == 0  # no hold yet
         # the standby has each call (replicated on answer and on confirmation)
         await asyncio.sleep(0.1)
 
@@ -132,16 +151,20 @@ async def test_kill_primary_with_50_recorded_calls(tmp_path: Path, ha_lab: Lab) 
             f"\nSIP Server takeover: first OPTIONS answered {takeover_ms:.0f} ms after SIGKILL "
             f"(standby logged ACTIVE after {logged_ms:.0f} ms), {m.group(2)} calls adopted"
         )
-        assert int(m.group(2)) == CALLS, log_text[-3000:]
+        assert int(m.group(2)) == total, log_text[-3000:]
         assert takeover_ms < 1000, f"takeover took {takeover_ms:.0f} ms"
 
         result = await uac
+        held = await hold
     finally:
         await uas.stop()
     assert result.ok and result.successful == CALLS and result.failed == 0, result.describe()
-    # Every BYE went through the new active (the old primary is dead).
+    assert held.ok and held.successful == HOLD_CALLS and held.failed == 0, held.describe()
+    # Every re-INVITE (hold, resume) and BYE went through the new active (the old primary is dead).
+    assert count_log(standby.log_path, r"INVITE offer from caller \(hold\)") == HOLD_CALLS
+    assert count_log(standby.log_path, r"INVITE offer from caller") == 2 * HOLD_CALLS
     byes = count_log(standby.log_path, r"call \w+: BYE from caller")
-    assert byes == CALLS, f"the new active handled {byes} BYEs"
+    assert byes == total, f"the new active handled {byes} BYEs"
 
     recs = await api.wait_for(CALLS, timeout=60, party="1001", start_after=t0.isoformat())
     assert len(recs) == CALLS, f"{len(recs)} of {CALLS} recordings were indexed"
@@ -156,6 +179,10 @@ async def test_kill_primary_with_50_recorded_calls(tmp_path: Path, ha_lab: Lab) 
             assert s["lost"] == 0, (r["id"], s)
             assert s["packets"] >= (CALL_MS / 30) * 0.9, (r["id"], s)
     print(f"50 recordings, longest gap in any stream {worst:.0f} ms")
+    held_recs = await api.wait_for(HOLD_CALLS, timeout=30, party="1003", start_after=t0.isoformat())
+    assert len(held_recs) == HOLD_CALLS
+    for r in held_recs:
+        assert abs(r["duration"] - 3 * HOLD_STEP_MS / 1000) < 1.5, (r["id"], r["duration"])
 
     # The old primary restarts and joins as standby, resynchronised by snapshot.
     lab.start_daemon("sip-server-a")
