@@ -813,6 +813,7 @@ class B2BUA:
             with contextlib.suppress(KeyError):
                 state.leg(name).confirmed = False
         legs = [leg for leg in state.legs() if leg.confirmed]
+        self._changed(call)  # a standby taking over now finishes the ending (see adopt)
         if legs:
             log.info(
                 "call %s: ending (%s): BYE %s", state.id[:8], reason, ", ".join(leg.name for leg in legs)
@@ -890,6 +891,10 @@ class B2BUA:
                 leg.dialog.local_cseq += ADOPT_CSEQ_GAP
                 self._bind(call, leg.dialog.call_id, leg.dialog.local_tag, leg.name)
         if ending:
+            # Which BYEs went out before the takeover is unknown: send them on every leg (a leg
+            # that already ended answers 481, harmless).
+            for leg in state.legs():
+                leg.confirmed = leg.dialog is not None
             self._spawn(self.end_call(call, state.end_reason or "ending"), f"end-{state.id[:8]}")
         return call
 

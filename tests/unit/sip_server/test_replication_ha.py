@@ -317,3 +317,63 @@ def test_node_needs_consistent_config() -> None:
     cfg: Any = make_config(5070, **HB)
     with pytest.raises(ConfigError, match=r"sip_server\.peer"):
         HaNode(cfg)
+
+
+class _Client:
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    async def final(self) -> Response:
+        return Response(200)
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Endpoint:
+    """Just enough of SipEndpoint for the B2BUA to send requests; records them."""
+
+    host, port, advertised_host = "127.0.0.1", 5060, "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Request, tuple[str, int]]] = []
+
+    def start_request(
+        self, request: Request, dest: tuple[str, int], transport: str = "udp", **_: Any
+    ) -> _Client:
+        self.sent.append((request, dest))
+        return _Client(request)
+
+    def send_ack(self, ack: Request, dest: tuple[str, int], transport: str = "udp") -> None:
+        self.sent.append((ack, dest))
+
+    def contact_uri(self, user: str | None = None, transport: str = "udp") -> Any:
+        from services.sip.uri import SipUri
+
+        return SipUri.parse("sip:127.0.0.1:5060")
+
+
+async def test_a_call_adopted_while_ending_is_ended_on_every_leg() -> None:
+    """The active died while BYEs were going out: which ones left is unknown, so the new active
+    sends BYE on every leg that has a dialog and forgets the call."""
+    from services.sip.auth import DigestChallenger
+    from services.sip_server.b2bua import B2BUA
+    from services.sip_server.call import CallPhase
+    from services.sip_server.registrar import Registrar
+    from tests.unit.sip_server.test_replication import invite, make_call
+
+    cfg = make_config(5070)
+    challenger = DigestChallenger("callvault", b"secret")
+    endpoint = _Endpoint()
+    b2bua = B2BUA(cfg, endpoint, Registrar(cfg, challenger), challenger)
+    state = make_call(1)
+    state.b.dialog = Dialog.from_uas(invite(2), "btag")
+    state.b.dest = ("127.0.0.1", 5072, "udp")
+    state.phase = CallPhase.ENDING
+    state.a.confirmed = state.b.confirmed = False  # as _bye leaves them before its BYE is out
+    call = b2bua.adopt(state)
+    await asyncio.wait_for(call.ended.wait(), 2.0)
+    byes = [req for req, _ in endpoint.sent if req.method == "BYE"]
+    assert sorted(r.call_id for r in byes) == ["call-1@10.0.0.1", "call-2@10.0.0.1"]
+    assert all(r.cseq.seq > 100 for r in byes)
+    assert not b2bua.calls and ("call-1@10.0.0.1", "our1") in b2bua.ended_dialogs
