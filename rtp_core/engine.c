@@ -697,7 +697,7 @@ static void tick_all(rc_thread_t *t, int64_t now)
         if (i + 2 * TICK_PHASES < t->nsess)
             __builtin_prefetch(&t->sessions[i + 2 * TICK_PHASES]->rec, 0, 3);
         if (i + TICK_PHASES < t->nsess && t->sessions[i + TICK_PHASES]->recording)
-            rc_rec_prefetch_tick(&t->sessions[i + TICK_PHASES]->rec);
+            rc_rec_prefetch_tick(&t->sessions[i + TICK_PHASES]->rec, TICK_PHASES * TICK_NS / RC_NS_PER_SAMPLE);
         if (s->recording)
             rc_rec_tick(&s->rec, now);
         if (!s->timed_out && s->timeout_ns > 0 && now - s->last_rx >= s->timeout_ns) {

@@ -499,13 +499,13 @@ static void emit(rc_rec_t *r, int64_t upto)
     }
 }
 
-void rc_rec_prefetch_tick(const rc_rec_t *r)
+void rc_rec_prefetch_tick(const rc_rec_t *r, int64_t samples)
 {
     int64_t rmask = r->ring_size - 1;
     if (!r->started || !r->audio)
         return;
     for (int l = 0; l < 2; l++)
-        for (int64_t q = 0; q < 192; q += 32)   /* 20 ms and a bit, one cache line at a time */
+        for (int64_t q = 0; q < samples + 32; q += 32)   /* the period and a bit, one line at a time */
             __builtin_prefetch(&r->leg[l].ring[(r->emitted + q) & rmask], 1, 3);
 }
 

@@ -131,7 +131,8 @@ void rc_rec_set_pt(rc_rec_t *r, int leg, int pt, int kind);
 /* a parsed, valid packet; ip may be NULL (only used for the "started" event) */
 void rc_rec_packet(rc_rec_t *r, int leg, int64_t now_ns, const rc_rtp_t *p, const char *ip, int port);
 void rc_rec_tick(rc_rec_t *r, int64_t now_ns);
-void rc_rec_prefetch_tick(const rc_rec_t *r);   /* a hint: the lines the next tick will read */
+/* a hint: the ring lines the next tick will read, `samples` of them (the writer's period) */
+void rc_rec_prefetch_tick(const rc_rec_t *r, int64_t samples);
 void rc_rec_flush(rc_rec_t *r, int64_t now_ns);
 void rc_rec_set_recording(rc_rec_t *r, int enabled, int64_t now_ns);
 uint64_t rc_leg_lost(const rc_leg_t *l);
