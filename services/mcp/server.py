@@ -210,6 +210,9 @@ class McpServer:
         if ack is None:
             if session.state is State.EARLY:
                 log.warning("recording %s: no ACK for the 200; ending the session", session.recording_id)
+                # The bridge never came up (e.g. the RM that carried it died): without media, no
+                # recording is filed for it (see _store).
+                session.unanswered = True
                 self._end_soon(session, "no ACK")
         elif session.state is State.EARLY:
             session.state = State.CONFIRMED

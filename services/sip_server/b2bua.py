@@ -724,6 +724,11 @@ class B2BUA:
         RM_ANSWER_TIMEOUT (or the request cannot be sent), the route is moved to another RM and the
         request sent again there (any RM routes in-dialog requests: docs/HA.md)."""
         assert leg.dialog is not None
+        host, port, _ = leg.destination()
+        if self._rm_failed_until.get((host, port), 0.0) > time.monotonic() and self._reroute(
+            leg, (host, port)
+        ):
+            _set_routes(req, leg.dialog.route_set)  # that RM failed lately: do not wait for it again
         for _ in range(len(self.rms)):
             host, port, transport = leg.destination()
             heard = asyncio.Event()
@@ -741,9 +746,7 @@ class B2BUA:
                 final.add_done_callback(lambda f: f.cancelled() or f.exception())
             if not self._reroute(leg, (host, port)):
                 return await final
-            req.headers.remove("Route")
-            for route in leg.dialog.route_set:
-                req.headers.add("Route", route)
+            _set_routes(req, leg.dialog.route_set)
         return await final
 
     def _reroute(self, leg: Leg, dead: tuple[str, int]) -> bool:
@@ -1367,6 +1370,12 @@ class B2BUA:
 RM_ANSWER_TIMEOUT = 1.0
 #: Seconds an RM that did not answer is tried last.
 RM_RETRY_AFTER = 10.0
+
+
+def _set_routes(req: Request, routes: list[str]) -> None:
+    req.headers.remove("Route")
+    for route in routes:
+        req.headers.add("Route", route)
 
 
 def _on_any(event: asyncio.Event) -> Callable[[Response], None]:
