@@ -29,6 +29,7 @@ from typing import Any
 from services.config import ClusterConfig, parse_hostport
 from services.sip_server import replication as rp
 from services.sip_server.call import CallPhase, CallState
+from services.sip_server.registrar import BindingStore
 from services.sip_server.replication import NodeInfo, NodeState, PeerLiveness
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Call phases worth replicating: a call still being set up cannot be taken over (its INVITE
 #: transaction dies with the process; the caller's retransmission or retry starts it afresh).
 REPLICATED_PHASES = (CallPhase.ANSWERED, CallPhase.CONFIRMED, CallPhase.ENDING)
+#: Calls (and AORs) per piece of a snapshot.
+SNAPSHOT_CHUNK = 200
 #: A standby too slow to read the stream is cut off beyond this much unsent data (it resyncs).
 MAX_BACKLOG = 32 * 1024 * 1024
 
@@ -342,19 +345,39 @@ class HaNode:
             await self.activate(f"the peer {info.node} is a standby too")
             return
         if self.state == NodeState.ACTIVE and info.state == NodeState.STANDBY:
-            self._send_snapshot(peer)
+            await self._send_snapshot(peer)
 
-    def _send_snapshot(self, peer: _Peer) -> None:
+    async def _send_snapshot(self, peer: _Peer) -> None:
+        """The whole state, in pieces of SNAPSHOT_CHUNK calls and AORs: the snapshot message with
+        the first piece, then ``call`` / ``aor`` messages, yielding to the event loop in between
+        (a big state neither blocks the loop nor makes one huge message). Each piece is taken as it
+        is when sent; changes in between are published as usual, so the standby ends up with the
+        latest of everything (a call ended meanwhile is skipped, its call_end already went)."""
         server = self.server
         if server is None:
             return
-        calls = [c.state.to_dict() for c in server.b2bua.calls.values() if c.state.phase in REPLICATED_PHASES]
-        peer.send(rp.snapshot_message(self.epoch, calls, server.registrar.store, server.b2bua.ended_dialogs))
-        log.info(
-            "HA: snapshot sent to the standby: %d call(s), %d binding(s)",
-            len(calls),
-            server.registrar.store.count(),
+        calls = [c for c in server.b2bua.calls.values() if c.state.phase in REPLICATED_PHASES]
+        store = server.registrar.store
+        aors = list(store.bindings)
+        n = SNAPSHOT_CHUNK
+        first = BindingStore({key: store.bindings[key] for key in aors[:n]})
+        peer.send(
+            rp.snapshot_message(
+                self.epoch, [c.state.to_dict() for c in calls[:n]], first, server.b2bua.ended_dialogs
+            )
         )
+        for i in range(n, max(len(calls), len(aors)), n):
+            await asyncio.sleep(0)
+            if peer.closed or self.server is not server:
+                return
+            for c in calls[i : i + n]:
+                if c.state.phase in REPLICATED_PHASES:
+                    peer.send(rp.call_message(c.state.to_dict()))
+            now = self.clock()
+            for tenant, extension in aors[i : i + n]:
+                contacts = store.bindings.get((tenant, extension), [])
+                peer.send(rp.aor_message(tenant, extension, [b for b in contacts if b.expires_at > now]))
+        log.info("HA: snapshot sent to the standby: %d call(s), %d binding(s)", len(calls), store.count())
 
     def _hello_all(self) -> None:
         if self.peer is not None:
@@ -418,7 +441,7 @@ class HaNode:
             self._hello_all()
             peer = self.peer
             if peer is not None and peer.info is not None and peer.info.state == NodeState.STANDBY:
-                self._send_snapshot(peer)  # a standby already connected (both were standby)
+                await self._send_snapshot(peer)  # a standby already connected (both were standby)
             self._mark_ready()
             return True
         finally:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from services.config import ClusterConfig, ConfigError
 from services.sip.dialog import Dialog
 from services.sip.message import Request, Response
+from services.sip_server import ha
 from services.sip_server import replication as rp
 from services.sip_server.daemon import SipServer
 from services.sip_server.ha import HaNode
@@ -25,6 +27,15 @@ from tests.integration.sip_ua import FAST, Phone, phone_sdp
 from tests.integration.test_sip_server import PASSWORDS, FakeBridge, make_config, wait_for
 
 HB = {"heartbeat_interval": 0.05, "heartbeat_misses": 3}
+
+
+@contextlib.contextmanager
+def unreachable_port() -> Iterator[int]:
+    """A TCP port bound but not listening for as long as it is needed: connections are refused and
+    nobody else can take it (a peer that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def node_config(rm_port: int, sip_port: int, me: int, peer: int, name: str, role: str) -> ClusterConfig:
@@ -183,7 +194,8 @@ async def test_takeover_serves_replicated_calls_consistently(caplog: pytest.LogC
             await p.close()
 
 
-async def test_restarted_primary_joins_the_new_active_as_standby() -> None:
+async def test_restarted_primary_joins_the_new_active_as_standby(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ha, "SNAPSHOT_CHUNK", 1)  # the snapshot in pieces: 1 call + 1 AOR, then 1 AOR
     async with pair() as (a, b, _bridge, sip):
         p1001, p1002 = await phone("1001", sip), await phone("1002", sip)
         dialog, _ = await call(p1001, p1002)
@@ -195,6 +207,7 @@ async def test_restarted_primary_joins_the_new_active_as_standby() -> None:
             await wait_for(lambda: again.ha.replica.synced, 3.0)
             assert again.ha.state == NodeState.STANDBY and b.ha.state == NodeState.ACTIVE
             assert len(again.ha.replica.calls) == 1 and again.ha.replica.epoch == b.ha.epoch == 2
+            await wait_for(lambda: again.ha.replica.bindings.count() == 2)
             assert (await send(p1001, in_dialog(p1001, dialog, "BYE"))).status == 200
             await wait_for(lambda: not again.ha.replica.calls)  # the end replicated too
         finally:
@@ -228,7 +241,9 @@ async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureF
     each other, exactly one stays active and the other yields, resynchronised from the winner."""
     bridge = FakeBridge()
     await bridge.ep.start()
-    ra, rb, nowhere = free_port(), free_port(), free_port()
+    ra, rb = free_port(), free_port()
+    down = contextlib.ExitStack()
+    nowhere = down.enter_context(unreachable_port())
     a = Node(node_config(bridge.ep.port, free_port(), ra, nowhere, "node-a", "standby"))
     b = Node(node_config(bridge.ep.port, free_port(), rb, nowhere, "node-b", "primary"))
     try:
@@ -253,6 +268,7 @@ async def test_two_actives_after_a_partition_keep_one(caplog: pytest.LogCaptureF
         await a.stop()
         await b.stop()
         await bridge.ep.close()
+        down.close()
 
 
 async def test_started_together_the_primary_serves_and_the_standby_syncs() -> None:
@@ -280,7 +296,9 @@ async def test_a_stranger_on_the_replication_port_gets_nothing(caplog: pytest.Lo
     bridge = FakeBridge()
     await bridge.ep.start()
     ra = free_port()
-    a = Node(node_config(bridge.ep.port, free_port(), ra, free_port(), "node-a", "standby"))
+    down = contextlib.ExitStack()
+    nowhere = down.enter_context(unreachable_port())
+    a = Node(node_config(bridge.ep.port, free_port(), ra, nowhere, "node-a", "standby"))
     try:
         await wait_for(lambda: a.ha.state == NodeState.ACTIVE, 3.0)
         attempts: list[list[dict[str, Any]]] = [
@@ -311,6 +329,7 @@ async def test_a_stranger_on_the_replication_port_gets_nothing(caplog: pytest.Lo
     finally:
         await a.stop()
         await bridge.ep.close()
+        down.close()
 
 
 def test_node_needs_consistent_config() -> None:
