@@ -190,6 +190,7 @@ class McpServer:
             raise
         if incoming.cancelled.is_set():
             self._answer(incoming, 487, "Request Terminated")
+            session.unanswered = True  # never answered: nothing to file without media (see _store)
             self._finalise_soon(session, "cancelled")
             return
         self.sessions[session.call_id] = session
