@@ -93,13 +93,17 @@ def _encode(w: wave.Wave_read, spec: _Spec, channels: int, dest: Path) -> None:
     batch = rate * BATCH_SECONDS
     with av.open(str(dest), "w", format=spec.container) as container:
         stream = container.add_stream(spec.codec, rate=rate, layout=layout)
+        assert isinstance(stream, av.audio.stream.AudioStream)
         ctx = stream.codec_context
         if spec.bit_rate_per_channel:
             ctx.bit_rate = spec.bit_rate_per_channel * channels
         if spec.options:
             ctx.options = dict(spec.options)
         # the encoder's own sample format and frame size (planar s32 for LAME, 960 for Opus ...)
-        resampler = av.AudioResampler(format=ctx.codec.audio_formats[0].name, layout=layout, rate=rate)
+        formats = ctx.codec.audio_formats
+        if not formats:
+            raise TranscodeError(f"{spec.codec} names no sample format")
+        resampler = av.AudioResampler(format=formats[0].name, layout=layout, rate=rate)
         pts = 0
         while data := w.readframes(batch):
             n = len(data) // (2 * in_channels)

@@ -363,7 +363,7 @@ def test_strict_source_drops_foreign_rtp_and_relatches_after_silence(
 ) -> None:
     a, b, intruder, moved = phone(), phone(), phone(), phone()
     sid = engine.open_session(output_path=str(tmp_path / "s.wav"))
-    pa, pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    pa, _pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
     engine.set_remote(sid, 0, *a.getsockname())
     engine.set_remote(sid, 1, *b.getsockname())
     pkts = [d for _, d in stream(440, 40, ssrc=0xA)]
