@@ -693,6 +693,14 @@ def _log_invalid(recording_id: str, stats: dict[str, Any] | None) -> None:
                 "relayed nor recorded)",
                 recording_id, invalid, label,
             )  # fmt: skip
+        foreign = leg.get("foreign") if isinstance(leg, dict) else None
+        if isinstance(foreign, int) and foreign > 0:
+            # rtp_core's strict source: RTP/RTCP from an address other than the latched party's
+            log.warning(
+                "recording %s: %d datagram(s) from a foreign source on the %s leg dropped (possible "
+                "RTP injection; neither relayed nor recorded)",
+                recording_id, foreign, label,
+            )  # fmt: skip
 
 
 def _aware(dt: datetime) -> datetime:
