@@ -325,6 +325,12 @@ class Registrar:
         for uri, _expires, _q in updates:
             existing = by_key.get(contact_key(uri))
             if existing is not None and existing.call_id == call_id and cseq <= existing.cseq:
+                if cseq == existing.cseq:
+                    # The very REGISTER that made this binding, again: a retransmission whose
+                    # transaction is gone (a hot standby took over, issue 5). Answered as the
+                    # first time (200, the bindings), not refused.
+                    log.info("REGISTER %s@%s CSeq %d again: answered as before", extension, tenant, cseq)
+                    return False
                 raise RegisterRejected(500, "Out of order REGISTER (CSeq)", [("Retry-After", "1")])
         user_agent = request.headers.get("User-Agent") or ""
         for uri, expires, q in updates:

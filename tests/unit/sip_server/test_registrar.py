@@ -285,9 +285,21 @@ def test_wildcard_without_expires_zero_is_400(registrar: Registrar) -> None:
 def test_out_of_order_cseq_is_500(registrar: Registrar) -> None:
     phone = Phone("1001", "secret1")
     registered(registrar, phone)
-    phone.cseq = 0  # the same Call-ID with an older CSeq
+    phone.cseq = -1  # the same Call-ID with an older CSeq
     resp = registered_any(registrar, phone)
     assert resp.status == 500
+
+
+def test_the_same_register_again_is_answered_as_before(registrar: Registrar) -> None:
+    """A retransmission handled as a new request (its transaction died with the active SIP Server;
+    the standby holds the binding it made): the same 200 with the bindings, not 500."""
+    phone = Phone("1001", "secret1")
+    first = registered(registrar, phone, expires=600)
+    phone.cseq = 0  # the same Call-ID and CSeq as the REGISTER that made the binding
+    again = registered_any(registrar, phone, expires=600)
+    assert again.status == 200
+    assert again.headers.get_all("Contact") == first.headers.get_all("Contact")
+    assert registrar.store.count() == 1
 
 
 def test_bad_expires_is_400(registrar: Registrar) -> None:
