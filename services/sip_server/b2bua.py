@@ -603,8 +603,14 @@ class B2BUA:
             heard_task.cancel()
             if final_task.done() and _rm_refused(final_task.result()):
                 why = f"{final_task.result().status} {final_task.result().reason}"
-            elif final_task.done() or heard.is_set():
+            elif final_task.done() or (
+                heard.is_set() and await self._rm_working(final_task, (host, port), deadline)
+            ):
                 break
+            elif heard.is_set():
+                why = "it stopped answering after 100 Trying"
+                client.cancel()
+                self._spawn(self._reap_cancelled_rec(call, client, final_task), f"reap-rec-{state.id[:8]}")
             else:
                 why = f"no answer within {wait:.1f} s"
                 client.cancel()
@@ -699,6 +705,42 @@ class B2BUA:
         return True
 
     # ------------------------------------------------------------------ requests we send in dialog
+    async def _rm_working(
+        self, final: asyncio.Future[Response], rm: tuple[str, int], deadline: float
+    ) -> bool:
+        """An RM took a bridge INVITE (100 Trying) and has no final answer yet (it may be trying
+        MCPs): wait for the answer, and every RM_ANSWER_TIMEOUT ask the RM itself (OPTIONS) whether
+        it still lives. False when the final answer has not come and the RM does not answer."""
+        if final.done():
+            return True
+        while time.monotonic() < deadline:
+            await asyncio.wait({final}, timeout=max(0.0, min(RM_ANSWER_TIMEOUT, deadline - time.monotonic())))
+            if final.done():
+                return True
+            host, port = rm
+            ping = Request("OPTIONS", SipUri("sip", None, None, host, port))
+            for name, value in [
+                ("From", f"<sip:sip-server@{self._host}:{self.ep.port}>;tag={new_tag()}"),
+                ("To", f"<sip:{host}:{port}>"),
+                ("Call-ID", new_call_id(self._host)),
+                ("CSeq", "1 OPTIONS"),
+                ("Max-Forwards", "70"),
+            ]:
+                ping.headers.add(name, value)
+            try:
+                answer = asyncio.ensure_future(self.ep.start_request(ping, rm, "udp").final())
+            except (OSError, SipError):
+                return False
+            done, _ = await asyncio.wait(
+                {answer, final}, timeout=RM_ANSWER_TIMEOUT / 2, return_when=asyncio.FIRST_COMPLETED
+            )
+            if final.done():
+                return True
+            if answer not in done or _transport_failure(answer.result()):
+                answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+                return False
+        return True
+
     def _rm_order(self) -> list[tuple[str, int]]:
         """The RMs for a new bridge: in turn (round robin), those that failed lately last."""
         n = len(self.rms)
