@@ -6,7 +6,13 @@ setup(
     ext_modules=[
         Extension(
             "rtp_core._core",
-            sources=["rtp_core/_core.c", "rtp_core/engine.c", "rtp_core/uring.c", "rtp_core/recorder.c", "rtp_core/codec.c"],
+            sources=[
+                "rtp_core/_core.c",
+                "rtp_core/engine.c",
+                "rtp_core/uring.c",
+                "rtp_core/recorder.c",
+                "rtp_core/codec.c",
+            ],
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ]
