@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     for command in DAEMONS:
         p = sub.add_parser(command, help=f"run the {command} daemon")
         p.add_argument("--config", required=True, help="cluster configuration file (TOML)")
-        p.add_argument("--name", help="which instance: an [[mcp]] entry (mcp), a [[resource_manager.instances]] entry (resource-manager)")
+        p.add_argument(
+            "--name",
+            help="which instance: an [[mcp]] entry (mcp), a [[resource_manager.instances]] entry (resource-manager)",
+        )
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
         p.set_defaults(func=_run_daemon)
     p = sub.add_parser("lab", help="run the whole stack on loopback in the foreground")
