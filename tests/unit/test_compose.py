@@ -443,9 +443,11 @@ def test_daemons_use_host_network_and_distinct_ports(
                     claim(proto, s.port, name)
                 assert health[-2:] == ["sip", f"{s.host}:{s.port}"], f"{name}: healthcheck {health}"
         elif command == "resource-manager":
-            r = cfg.resource_manager
+            r = cfg.resource_manager.instance(d["args"].name) or cfg.resource_manager
             for proto in ("udp", "tcp"):
                 claim(proto, r.port, name)
+            if isinstance(r, config_mod.RmInstance):  # the active/active pair replicates affinity
+                claim("tcp", r.replication_port, name)
             rms.add(f"{r.host}:{r.port}")
             assert health[-2:] == ["sip", f"{r.host}:{r.port}"], f"{name}: healthcheck {health}"
         elif command == "mcp":
@@ -484,6 +486,9 @@ def test_daemons_use_host_network_and_distinct_ports(
         cfg = _config_of(name, d)
         if d["args"].command == "sip-server":
             assert cfg.sip_server.resource_manager in rms, f"{name}: RM {cfg.sip_server.resource_manager}"
+            assert set(cfg.sip_server.resource_managers) == rms, (
+                f"{name}: uses {cfg.sip_server.resource_managers}"
+            )
         if d["args"].command == "recording-processor":
             assert cfg.recording_processor.web_services_url.rstrip("/") in webs, name
     # the two instances of a pair talk to different peers
