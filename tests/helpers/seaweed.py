@@ -132,17 +132,18 @@ class SeaweedS3:
             time.sleep(0.1)
 
     def _bucket_ready(self) -> bool:
-        """The S3 port answers (any HTTP status: the request is unsigned) and the filer serves the bucket."""
+        """The S3 port answers (any HTTP status: the request is unsigned) and the bucket takes a write
+        (through the filer: after a restart the volume server may not take writes yet)."""
         try:
             urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
         except urllib.error.HTTPError:
             pass
         except OSError:
             return False
-        url = f"http://127.0.0.1:{self.ports['filer.port']}/buckets/{self.bucket}/"
-        req = urllib.request.Request(url, headers={"Accept": "application/json"})
+        url = f"http://127.0.0.1:{self.ports['filer.port']}/buckets/{self.bucket}/.callvault-ready"
         try:
-            urllib.request.urlopen(req, timeout=1).close()
+            urllib.request.urlopen(urllib.request.Request(url, data=b"ok", method="PUT"), timeout=5).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5).close()
         except OSError:
             return False
         return True

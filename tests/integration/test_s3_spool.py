@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import json
 import struct
+import time
 import wave
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -81,6 +82,14 @@ def make_server(root: Path, seaweed: SeaweedS3, certificates: list[str] | None =
 
 def events(root: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((root / "queue").glob("*.json"))]
+
+
+async def wait_events(root: Path, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The queued events once there are ``n`` (recovery uploads run in the background)."""
+    deadline = time.monotonic() + timeout
+    while len(found := events(root)) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return found
 
 
 async def fetch(seaweed: SeaweedS3, key: str) -> bytes:
@@ -163,7 +172,7 @@ async def test_recovery_resumes_uploads_and_sets_corrupt_entries_aside(
     assert sorted(left.recording_id for left in leftovers) == [pending, cut]
     server = make_server(tmp_path, seaweed)
     await server.recover(leftovers, wait=20)
-    by_id = {e["id"]: e for e in events(tmp_path)}
+    by_id = {e["id"]: e for e in await wait_events(tmp_path, 2)}
     assert set(by_id) == {pending, cut}
     assert by_id[pending]["sha256"] == hashlib.sha256(pending_audio).hexdigest()
     assert by_id[pending]["streams"][0]["dtmf"] == "12" and by_id[pending]["duration"] == 1.0
@@ -226,7 +235,7 @@ async def test_crash_after_encryption_resumes_with_the_envelope(seaweed: Seaweed
     leftovers = await asyncio.to_thread(find_leftovers, spool)
     server = make_server(tmp_path, seaweed, certificates=[str(crt)])
     await server.recover(leftovers, wait=20)
-    (event,) = events(tmp_path)
+    (event,) = await wait_events(tmp_path, 1)
     assert event["encryption"] == meta and event["sha256"] == hashlib.sha256(audio).hexdigest()
     assert await fetch(seaweed, event["storage"]["key"]) == envelope_bytes  # not encrypted twice
     assert list(spool.iterdir()) == []  # the plaintext did not outlive the stored envelope
