@@ -294,7 +294,11 @@ async def start(name: str, coro_factory: Any, timeout: float = 10.0) -> asyncio.
         waiter.cancel()
         if task.done():
             task.result()  # raise the daemon's error
-        raise AssertionError(f"{name} did not become ready")
+        # never leave a half-started daemon (and its rtp_core engine) running past the test
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise AssertionError(f"{name} did not become ready within {timeout} s")
     return task
 
 
