@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from services.lab import Lab, LabPorts
+from tests.helpers.sipp import Sipp, start_registered_uas
 
 
 class LabApi:
@@ -100,6 +101,30 @@ def sip_addr(lab_info: dict[str, Any]) -> str:
 def users(lab_info: dict[str, Any]) -> dict[str, str]:
     """extension -> password of the default tenant."""
     return {u["extension"]: u["password"] for u in lab_info["users"]}
+
+
+def lab_sip(lab: Lab) -> str:
+    """The SIP Server's host:port of a lab."""
+    return f"{lab.config.sip_server.host}:{lab.config.sip_server.port}"
+
+
+def lab_passwords(lab: Lab) -> dict[str, str]:
+    """extension -> password of a lab's default tenant."""
+    return {u["extension"]: u["password"] for u in lab.info()["users"]}
+
+
+def lab_api(lab: Lab) -> LabApi:
+    """A Web Services client of a lab, as its default tenant."""
+    info = lab.info()
+    return LabApi(info["api"]["base_url"], info["api"]["api_key"])
+
+
+async def echo_callee(lab: Lab, extension: str, workdir: Path) -> Sipp:
+    """A SIPp UAS registered as ``extension`` that answers every call and echoes its RTP."""
+    return await start_registered_uas(
+        "uas_echo.xml", lab_sip(lab), extension, lab_passwords(lab)[extension], workdir=workdir,
+        rtp_echo=True, trace_messages=False, limit=1000,
+    )  # fmt: skip
 
 
 def storage_file(lab: Lab, recording: dict[str, Any]) -> Path:

@@ -23,8 +23,8 @@ from services.sip.aio import SipEndpoint
 from services.sip.dialog import Dialog
 from services.sip.message import Request, new_call_id, new_tag
 from services.sip_server.policy import CallInfo, bridge_headers
-from tests.helpers.sipp import Sipp, start_registered_uas
-from tests.system.conftest import LabApi
+from tests.helpers.sipp import Sipp
+from tests.system.conftest import LabApi, echo_callee, lab_api, lab_passwords, lab_sip
 
 pytestmark = pytest.mark.system
 
@@ -52,23 +52,7 @@ def ha_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def ha_api(ha_lab: Lab) -> LabApi:
-    info = ha_lab.info()
-    return LabApi(info["api"]["base_url"], info["api"]["api_key"])
-
-
-def _sip(lab: Lab) -> str:
-    return f"{lab.config.sip_server.host}:{lab.config.sip_server.port}"
-
-
-def _passwords(lab: Lab) -> dict[str, str]:
-    return {u["extension"]: u["password"] for u in lab.info()["users"]}
-
-
-async def _callee(lab: Lab, workdir: Path) -> Sipp:
-    return await start_registered_uas(
-        "uas_echo.xml", _sip(lab), CALLEE, _passwords(lab)[CALLEE], workdir=workdir, rtp_echo=True,
-        trace_messages=False, limit=1000,
-    )  # fmt: skip
+    return lab_api(ha_lab)
 
 
 def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int, trace: bool = False) -> Sipp:
@@ -76,10 +60,10 @@ def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int, t
     return Sipp(
         "uac_pcap_reinvite_auth.xml",
         workdir=workdir,
-        remote=_sip(lab),
+        remote=lab_sip(lab),
         service=CALLEE,
         user=CALLER,
-        auth=(CALLER, _passwords(lab)[CALLER]),
+        auth=(CALLER, lab_passwords(lab)[CALLER]),
         rate=rate,
         max_calls=calls,
         limit=calls,
@@ -120,7 +104,7 @@ async def test_drained_mcp_takes_no_new_sessions_and_finishes_its_calls(
     """SIGUSR1 takes mcp1 out of service: calls placed afterwards all go to mcp2, the calls mcp1
     carries go on to their end and are recorded there in one part; SIGUSR2 puts it back."""
     since = datetime.now(UTC) - timedelta(seconds=2)
-    uas = await _callee(ha_lab, tmp_path / "uas")
+    uas = await echo_callee(ha_lab, CALLEE, tmp_path / "uas")
     before = _caller(ha_lab, tmp_path / "before", rate=10.0, calls=10, hold_ms=5000)
     after = _caller(ha_lab, tmp_path / "after", rate=10.0, calls=10, hold_ms=1500)
     try:
@@ -161,7 +145,7 @@ async def test_drained_sip_server_refuses_new_calls_and_keeps_its_calls(
     BYE (recorded whole); SIGUSR2: new calls are taken again."""
     active = next(label for label in ("sip-server-a", "sip-server") if label in ha_lab.daemons)
     since = datetime.now(UTC) - timedelta(seconds=2)
-    uas = await _callee(ha_lab, tmp_path / "uas")
+    uas = await echo_callee(ha_lab, CALLEE, tmp_path / "uas")
     established = _caller(ha_lab, tmp_path / "established", rate=10.0, calls=5, hold_ms=3000)
     refused = _caller(ha_lab, tmp_path / "refused", rate=10.0, calls=1, hold_ms=500, trace=True)
     again = _caller(ha_lab, tmp_path / "again", rate=10.0, calls=1, hold_ms=500)
@@ -198,7 +182,7 @@ async def test_mcp_killed_calls_survive_and_recordings_resume(
     gets a second part on mcp2 under the same session, with a gap of at most 2 s."""
     calls, rate, hold_ms = 40, 20.0, 5000
     since = datetime.now(UTC) - timedelta(seconds=2)
-    uas = await _callee(ha_lab, tmp_path / "uas")
+    uas = await echo_callee(ha_lab, CALLEE, tmp_path / "uas")
     uac = _caller(ha_lab, tmp_path / "uac", rate=rate, calls=calls, hold_ms=hold_ms)
     try:
         await uac.start()
@@ -311,15 +295,15 @@ async def test_rm_killed_under_20_cps_loses_no_call_and_keeps_affinity(
     ep = SipEndpoint(host="127.0.0.1", port=0, name="probe")
     ep.request_handler = lambda inc: inc.respond(200)  # type: ignore[assignment,return-value]
     await ep.start()
-    uas = await _callee(ha_lab, tmp_path / "uas")
+    uas = await echo_callee(ha_lab, CALLEE, tmp_path / "uas")
     uac: Sipp | None = None
     try:
         session = "ha" + new_tag()
         part1, port1 = await _bridge_part(ep, rms["rm1"], session, 1)
         mcp = _mcp_of(ha_lab, port1)
         uac = Sipp(
-            "uac_pcap_auth.xml", workdir=tmp_path / "uac", remote=_sip(ha_lab), service=CALLEE, user=CALLER,
-            auth=(CALLER, _passwords(ha_lab)[CALLER]), rate=rate, max_calls=calls, limit=calls,
+            "uac_pcap_auth.xml", workdir=tmp_path / "uac", remote=lab_sip(ha_lab), service=CALLEE, user=CALLER,
+            auth=(CALLER, lab_passwords(ha_lab)[CALLER]), rate=rate, max_calls=calls, limit=calls,
             duration_ms=hold_ms, trace_messages=False,
         )  # fmt: skip
         await uac.start()

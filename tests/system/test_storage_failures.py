@@ -29,8 +29,8 @@ import pytest
 from services.lab import Lab, LabPorts
 from services.storage.s3 import S3Client
 from tests.helpers.seaweed import SeaweedS3
-from tests.helpers.sipp import Sipp, start_registered_uas
-from tests.system.conftest import LabApi
+from tests.helpers.sipp import Sipp
+from tests.system.conftest import LabApi, echo_callee, lab_api, lab_passwords, lab_sip
 
 pytestmark = pytest.mark.system
 
@@ -71,36 +71,20 @@ def s3_lab(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedS3) -> Iter
 
 @pytest.fixture(scope="module")
 def s3_api(s3_lab: Lab) -> LabApi:
-    info = s3_lab.info()
-    return LabApi(info["api"]["base_url"], info["api"]["api_key"])
-
-
-def _sip(lab: Lab) -> str:
-    return f"{lab.config.sip_server.host}:{lab.config.sip_server.port}"
-
-
-def _passwords(lab: Lab) -> dict[str, str]:
-    return {u["extension"]: u["password"] for u in lab.info()["users"]}
-
-
-async def _callee(lab: Lab, workdir: Path) -> Sipp:
-    return await start_registered_uas(
-        "uas_echo.xml", _sip(lab), CALLEE, _passwords(lab)[CALLEE], workdir=workdir, rtp_echo=True,
-        trace_messages=False, limit=1000,
-    )  # fmt: skip
+    return lab_api(s3_lab)
 
 
 def _caller(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int) -> Sipp:
     return Sipp(
-        "uac_pcap_reinvite_auth.xml", workdir=workdir, remote=_sip(lab), service=CALLEE, user=CALLER,
-        auth=(CALLER, _passwords(lab)[CALLER]), rate=rate, max_calls=calls, limit=calls,
+        "uac_pcap_reinvite_auth.xml", workdir=workdir, remote=lab_sip(lab), service=CALLEE, user=CALLER,
+        auth=(CALLER, lab_passwords(lab)[CALLER]), rate=rate, max_calls=calls, limit=calls,
         recv_timeout_ms=hold_ms, trace_messages=False,
     )  # fmt: skip
 
 
 async def _run_calls(lab: Lab, workdir: Path, *, rate: float, calls: int, hold_ms: int) -> tuple[int, Any]:
     """Place ``calls`` calls; returns SIPp's pid (part of every Call-ID) and its result."""
-    uas = await _callee(lab, workdir / "uas")
+    uas = await echo_callee(lab, CALLEE, workdir / "uas")
     uac = _caller(lab, workdir / "uac", rate=rate, calls=calls, hold_ms=hold_ms)
     try:
         await uac.start()
@@ -197,7 +181,7 @@ async def test_mcp_killed_while_recording_keeps_the_recording(
     s3_lab: Lab, s3_api: LabApi, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     since = datetime.now(UTC) - timedelta(seconds=2)
-    uas = await _callee(s3_lab, tmp_path / "uas")
+    uas = await echo_callee(s3_lab, CALLEE, tmp_path / "uas")
     uac = _caller(s3_lab, tmp_path / "uac", rate=1.0, calls=1, hold_ms=6000)
     try:
         await uac.start()
