@@ -307,39 +307,31 @@ def response_destination(via: Via, source: Address, transport: str) -> Address:
     return host, via.port or 5060
 
 
-def build_non2xx_ack(request: Request, response: Response) -> Request:
-    """The ACK for a 300-699 response to ``request`` (RFC 3261 17.1.1.3).
-
-    Same Request-URI, Call-ID, From, CSeq number and the top Via only (same branch) as the INVITE;
-    To from the response (with its tag); the INVITE's Route headers.
-    """
-    ack = Request("ACK", request.uri.copy())
-    headers = ack.headers
+def _same_hop_request(method: str, request: Request, to: str) -> Request:
+    """A request that travels the hop of ``request`` again: same Request-URI, Call-ID, From and CSeq
+    number, the single top Via (same branch) and the Route headers (RFC 3261 9.1, 17.1.1.3)."""
+    out = Request(method, request.uri.copy())
+    headers = out.headers
     headers.add("Via", request.headers.get_all("Via")[0])
     for route in request.headers.get_all("Route"):
         headers.add("Route", route)
     headers.add("Max-Forwards", "70")
     headers.add("From", request.headers.get("From") or "")
-    headers.add("To", response.headers.get("To") or "")
+    headers.add("To", to)
     headers.add("Call-ID", request.call_id)
-    headers.add("CSeq", f"{request.cseq.seq} ACK")
-    return ack
+    headers.add("CSeq", f"{request.cseq.seq} {method}")
+    return out
+
+
+def build_non2xx_ack(request: Request, response: Response) -> Request:
+    """The ACK for a 300-699 response to ``request`` (RFC 3261 17.1.1.3): as the INVITE, with the
+    To of the response (and its tag)."""
+    return _same_hop_request("ACK", request, response.headers.get("To") or "")
 
 
 def build_cancel(request: Request) -> Request:
-    """A CANCEL for ``request`` (RFC 3261 9.1): same Request-URI, Call-ID, From, To, CSeq number,
-    the single top Via (same branch) and the Route headers of the request being cancelled."""
-    cancel = Request("CANCEL", request.uri.copy())
-    headers = cancel.headers
-    headers.add("Via", request.headers.get_all("Via")[0])
-    for route in request.headers.get_all("Route"):
-        headers.add("Route", route)
-    headers.add("Max-Forwards", "70")
-    headers.add("From", request.headers.get("From") or "")
-    headers.add("To", request.headers.get("To") or "")
-    headers.add("Call-ID", request.call_id)
-    headers.add("CSeq", f"{request.cseq.seq} CANCEL")
-    return cancel
+    """A CANCEL for ``request`` (RFC 3261 9.1): as the request being cancelled, To included."""
+    return _same_hop_request("CANCEL", request, request.headers.get("To") or "")
 
 
 def _status_event(status: int, *, tu: bool) -> TxnEvent:
