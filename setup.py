@@ -10,6 +10,7 @@ setup(
                 "rtp_core/_core.c",
                 "rtp_core/engine.c",
                 "rtp_core/uring.c",
+                "rtp_core/packet.c",
                 "rtp_core/recorder.c",
                 "rtp_core/codec.c",
             ],

@@ -273,7 +273,7 @@ def main() -> None:
     p.add_argument("--sockets", type=int, default=2, help="generator sockets per side")
     p.add_argument("--reorder-ms", type=int, default=100)
     p.add_argument(
-        "--io", choices=["auto", "epoll", "io_uring"], default="auto", help="the engine's socket loop"
+        "--io", choices=["auto", "packet", "io_uring", "epoll"], default="auto", help="the engine's receive path"
     )
     p.add_argument(
         "--out-dir", default="/dev/shm", help="where WAVs go (tmpfs by default); 'none' = relay only"

@@ -168,6 +168,25 @@ static PyObject *py_parse_rtp(PyObject *self, PyObject *arg)
     return r;
 }
 
+static PyObject *py_parse_ipv4_udp(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"packet", "csum_known", NULL};
+    Py_buffer b;
+    int csum_known = 0, r;
+    const uint8_t *udp;
+    size_t ulen;
+    PyObject *out;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*|$p", kwlist, &b, &csum_known))
+        return NULL;
+    r = rc_pkt_parse_ipv4(b.buf, (size_t)b.len, csum_known, &udp, &ulen);
+    if (r > 0)
+        out = Py_BuildValue("(nn)", (Py_ssize_t)(udp - (const uint8_t *)b.buf), (Py_ssize_t)ulen);
+    else
+        out = PyUnicode_FromString(r < 0 ? "udp checksum" : "invalid");
+    PyBuffer_Release(&b);
+    return out;
+}
+
 /* ---- Recorder (offline, deterministic) ----------------------------------------------------- */
 
 typedef struct {
@@ -413,8 +432,10 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kw)
         io_mode = RC_IO_EPOLL;
     else if (strcmp(io, "io_uring") == 0)
         io_mode = RC_IO_URING;
+    else if (strcmp(io, "packet") == 0)
+        io_mode = RC_IO_PACKET;
     else {
-        PyErr_Format(PyExc_ValueError, "io must be 'auto', 'epoll' or 'io_uring', not %.40s", io);
+        PyErr_Format(PyExc_ValueError, "io must be 'auto', 'packet', 'io_uring' or 'epoll', not %.40s", io);
         return -1;
     }
     if (self->eng) {
@@ -716,8 +737,10 @@ static PyObject *Engine_loop_stats(EngineObject *self, PyObject *unused)
         rc_loop_stats_t ls;
         PyObject *d;
         rc_engine_loop_stats(self->eng, i, &ls);
-        d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d,s:K}", "iterations", (unsigned long long)ls.iterations,
-                          "datagrams", (unsigned long long)ls.datagrams,
+        d = Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:d,s:d,s:d,s:d,s:d,s:K}", "iterations",
+                          (unsigned long long)ls.iterations, "datagrams", (unsigned long long)ls.datagrams,
+                          "ring_drops", (unsigned long long)ls.ring_drops, "ring_rejected",
+                          (unsigned long long)ls.ring_rejected,
                           "socket_events", (unsigned long long)ls.events, "ticks", (unsigned long long)ls.ticks,
                           "tick_ms_avg", ls.ticks ? ls.tick_ns / 1e6 / (double)ls.ticks : 0.0, "tick_ms_max",
                           ls.max_tick_ns / 1e6, "tick_cpu_ms_max", ls.max_tick_cpu_ns / 1e6, "tick_late_ms_max", ls.max_tick_late_ns / 1e6, "io_ms_max",
@@ -759,7 +782,7 @@ static PyObject *Engine_get_io(EngineObject *self, void *unused)
 }
 
 static PyGetSetDef Engine_getset[] = {
-    {"io", (getter)Engine_get_io, NULL, "the socket loop in use: 'io_uring' or 'epoll'", NULL},
+    {"io", (getter)Engine_get_io, NULL, "the receive path in use: 'packet', 'io_uring' or 'epoll'", NULL},
     {"threads", (getter)Engine_get_threads, NULL, "number of engine threads", NULL},
     {"closed", (getter)Engine_get_closed, NULL, "True after close()", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
@@ -803,6 +826,9 @@ static PyMethodDef module_methods[] = {
     {"alaw_decode", py_alaw_decode, METH_O, "alaw_decode(data) -> s16le bytes (G.711 A-law)"},
     {"parse_rtp", py_parse_rtp, METH_O,
      "parse_rtp(datagram) -> (marker, pt, seq, ts, ssrc, payload) or None if it is not valid RTP"},
+    {"parse_ipv4_udp", (PyCFunction)(void (*)(void))py_parse_ipv4_udp, METH_VARARGS | METH_KEYWORDS,
+     "parse_ipv4_udp(packet, *, csum_known=False) -> (udp offset, udp length), or 'udp checksum' / "
+     "'invalid': the packet ring's check of what it receives"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "rtp_core._core",

@@ -183,6 +183,10 @@ static rc_session_t *find_session(rc_thread_t *t, int64_t id, size_t *where)
 static void close_leg_sockets(rc_thread_t *t, rc_leg_io_t *io)
 {
     rc_sock_t *socks[2] = {&io->rtp, &io->rtcp};
+    if (t->pk && io->rtp.fd >= 0) {
+        rc_pkt_set_port(t, io->port, NULL);
+        rc_pkt_set_port(t, io->port + 1, NULL);
+    }
     if (t->ur)
         for (int i = 0; i < 2; i++)
             if (socks[i]->fd >= 0)
@@ -353,13 +357,12 @@ static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
         snprintf(c->msg, sizeof c->msg, "leg %d of session %lld already exists", c->leg, (long long)s->id);
         return RC_EVALUE;
     }
-    pthread_mutex_lock(&e->port_mu);
-    pairs = (e->port_max - e->port_min + 1) / 2;
+    pairs = (t->port_hi - t->port_lo + 1) / 2;
     for (int i = 0; i < pairs; i++) {
-        int p = e->port_next, fa, fb;
-        e->port_next += 2;
-        if (e->port_next + 1 > e->port_max)
-            e->port_next = e->port_min;
+        int p = t->port_next, fa, fb;
+        t->port_next += 2;
+        if (t->port_next + 1 > t->port_hi)
+            t->port_next = t->port_lo;
         fa = udp_socket(e->bind_ip, p, &err);
         if (fa < 0) {
             if (err == EADDRINUSE || err == EACCES)
@@ -379,15 +382,21 @@ static int cmd_add_leg(rc_thread_t *t, rc_session_t *s, rc_cmd_t *c)
         err = 0;
         break;
     }
-    pthread_mutex_unlock(&e->port_mu);
     if (err) {
-        snprintf(c->msg, sizeof c->msg, "no free RTP port pair in %d-%d: %s", e->port_min, e->port_max,
+        snprintf(c->msg, sizeof c->msg, "no free RTP port pair in %d-%d: %s", t->port_lo, t->port_hi,
                  strerror(err));
         return err;
     }
     if (t->ur) {
         if (rc_uring_add_sock(t, &io->rtp) < 0 || rc_uring_add_sock(t, &io->rtcp) < 0)
             err = ENOMEM;
+        else if (t->pk) {
+            /* the ring takes this leg's datagrams; its sockets only hold the ports and send */
+            if (rc_pkt_drop_all(io->rtp.fd) < 0 || rc_pkt_drop_all(io->rtcp.fd) < 0)
+                err = errno;
+            rc_pkt_set_port(t, io->port, &io->rtp);
+            rc_pkt_set_port(t, io->port + 1, &io->rtcp);
+        }
     } else {
         struct epoll_event ev;
         memset(&ev, 0, sizeof ev);
@@ -728,12 +737,22 @@ static void *thread_main(void *arg)
     int64_t next_tick = rc_mono_ns() + TICK_NS;
     if (t->eng->io_mode != RC_IO_EPOLL) {
         if (rc_uring_init(t) == 0) {
+            if ((t->eng->io_mode == RC_IO_PACKET || t->eng->io_mode == RC_IO_AUTO) &&
+                rc_pkt_init(t, t->port_lo, t->port_hi) < 0) {
+                if (t->eng->io_mode == RC_IO_PACKET) {
+                    rc_uring_free(t);
+                    thread_init_done(t, 1);
+                    rc_thread_finish(t);
+                    return NULL;
+                }
+                t->init_msg[0] = 0;    /* auto: the io_uring loop with the legs' sockets */
+            }
             thread_init_done(t, 0);
             rc_uring_loop(t);
             rc_thread_finish(t);
             return NULL;
         }
-        if (t->eng->io_mode == RC_IO_URING) {
+        if (t->eng->io_mode == RC_IO_URING || t->eng->io_mode == RC_IO_PACKET) {
             thread_init_done(t, 1);
             rc_thread_finish(t);
             return NULL;
@@ -877,8 +896,12 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
     e->io_mode = io_mode;
     e->port_min = port_min + (port_min & 1);
     e->port_max = port_max;
-    e->port_next = e->port_min;
-    pthread_mutex_init(&e->port_mu, NULL);
+    if ((e->port_max - e->port_min + 1) / 2 < threads) {
+        snprintf(err, errlen, "port range %d-%d holds fewer port pairs than the %d threads", port_min, port_max,
+                 threads);
+        free(e);
+        return NULL;
+    }
     pthread_mutex_init(&e->ev_mu, NULL);
     e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->nthreads = threads;
@@ -892,7 +915,12 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
     for (int i = 0; i < threads; i++) {
         rc_thread_t *t = &e->threads[i];
         struct epoll_event ev;
+        /* each thread allocates from its own share of the range (even-sized), so that the packet
+         * ring of a thread can take exactly its legs' ports */
+        int share = ((e->port_max - e->port_min + 1) / threads) & ~1;
         t->eng = e;
+        t->port_lo = t->port_next = e->port_min + i * share;
+        t->port_hi = i == threads - 1 ? e->port_max : t->port_lo + share - 1;
         pthread_mutex_init(&t->mu, NULL);
         pthread_cond_init(&t->cv, NULL);
         t->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -915,7 +943,8 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
         pthread_mutex_unlock(&t->mu);
         if (t->init_err) {
             *err_no = ENOSYS;
-            snprintf(err, errlen, "io_uring is not usable here: %s", t->init_msg);
+            snprintf(err, errlen, "io '%s' is not usable here: %s",
+                     e->io_mode == RC_IO_PACKET ? "packet" : "io_uring", t->init_msg);
             rc_engine_stop(e);
             rc_engine_free(e);
             return NULL;
@@ -926,6 +955,8 @@ rc_engine_t *rc_engine_new(const char *bind_ip, int port_min, int port_max, int 
 
 const char *rc_engine_io_name(const rc_engine_t *e)
 {
+    if (e->nthreads && e->threads[0].pk)
+        return "packet";
     return e->nthreads && e->threads[0].ur ? "io_uring" : "epoll";
 }
 
@@ -959,6 +990,8 @@ void rc_engine_free(rc_engine_t *e)
         if (t->cmdfd > 0)
             close(t->cmdfd);
         free(t->sessions);
+        if (t->pk)
+            rc_pkt_free(t);
         if (t->ur)
             rc_uring_free(t);
         pthread_mutex_destroy(&t->mu);

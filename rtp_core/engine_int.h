@@ -70,6 +70,8 @@ typedef struct {
     rc_sock_t *hot[HOT_MAX];
     int nhot;
     struct rc_uring *ur;               /* NULL: the epoll loop */
+    struct rc_pkt *pk;                 /* not NULL: the packet ring receives (io "packet") */
+    int port_lo, port_hi, port_next;   /* this thread's share of the engine's ports */
     int init_done, init_err;
     char init_msg[160];
 } rc_thread_t;
@@ -78,8 +80,7 @@ struct rc_engine {
     int nthreads;
     rc_thread_t *threads;
     struct in_addr bind_ip;
-    int port_min, port_max, port_next;
-    pthread_mutex_t port_mu;
+    int port_min, port_max;
     pthread_mutex_t ev_mu;
     rc_event_t *evq;
     size_t evn, evcap;
@@ -109,5 +110,17 @@ void rc_uring_loop(rc_thread_t *t);
 void rc_uring_free(rc_thread_t *t);
 int rc_uring_add_sock(rc_thread_t *t, rc_sock_t *k);
 void rc_uring_del_sock(rc_thread_t *t, rc_sock_t *k);
+/* a datagram for socket k from the packet ring: checked, relayed (from a copy), recorded */
+void rc_uring_datagram(rc_thread_t *t, rc_sock_t *k, uint8_t *payload, size_t len, int trunc,
+                       const struct sockaddr_in *src, int64_t now);
+
+/* packet.c */
+int rc_pkt_init(rc_thread_t *t, int port_lo, int port_hi); /* 0, or -1 with t->init_msg set */
+void rc_pkt_free(rc_thread_t *t);
+int rc_pkt_fd(const rc_thread_t *t);
+unsigned rc_pkt_drain(rc_thread_t *t, int64_t now);         /* the packets of every closed block */
+void rc_pkt_stats(rc_thread_t *t);                          /* kernel drop counters into t->ls */
+void rc_pkt_set_port(rc_thread_t *t, int port, rc_sock_t *k);
+int rc_pkt_drop_all(int fd);                                /* a leg socket: the ring takes its datagrams */
 
 #endif

@@ -41,7 +41,7 @@
 #define UR_WAIT_RELAY 32
 #define UR_WAIT_RECORD 128
 
-enum { UD_RECV = 1, UD_SEND = 2, UD_CMD = 3, UD_OTHER = 4, UD_PROBE = 5 };
+enum { UD_RECV = 1, UD_SEND = 2, UD_CMD = 3, UD_OTHER = 4, UD_PROBE = 5, UD_PKT = 6 };
 
 typedef struct {
     struct msghdr mh;
@@ -63,7 +63,9 @@ struct rc_uring {
     struct io_uring_buf_ring *br;
     size_t br_sz;
     uint8_t *bufs;
-    ur_send_t *sends;
+    ur_send_t *sends;                  /* [UR_NBUF]: sends from received buffers; [UR_NBUF + i]: copies */
+    uint8_t *cbufs;                    /* io "packet": the copies relayed packets are sent from ... */
+    uint32_t *cfree, ncfree;           /* ... and the free ones, a stack (the warmest first) */
     uint16_t br_tail;
     struct msghdr recv_mh;
     /* socket table */
@@ -201,6 +203,8 @@ int rc_uring_add_sock(rc_thread_t *t, rc_sock_t *k)
     u->socks[idx] = k;
     u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
     k->slot = idx;
+    if (t->pk)
+        return 0;                      /* the packet ring receives for it */
     return arm_recv_fd(u, k->fd, ud(UD_RECV, u->gens[idx], idx));
 }
 
@@ -210,7 +214,8 @@ void rc_uring_del_sock(rc_thread_t *t, rc_sock_t *k)
     uint32_t idx = k->slot;
     if (idx >= u->nsocks || u->socks[idx] != k)
         return;
-    cancel(u, ud(UD_RECV, u->gens[idx], idx));
+    if (!t->pk)
+        cancel(u, ud(UD_RECV, u->gens[idx], idx));
     u->socks[idx] = NULL;
     u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
     u->free_ids[u->nfree++] = idx;
@@ -226,6 +231,7 @@ static rc_sock_t *lookup(struct rc_uring *u, uint64_t user_data)
 
 /* ---- completions --------------------------------------------------------------------------- */
 
+/* sends payload (which stays valid until the completion of send slot bid) from k's peer socket */
 static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *payload, size_t len,
                       const struct sockaddr_in *to)
 {
@@ -255,6 +261,46 @@ static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *p
     return 1;
 }
 
+/* a datagram for socket k: checked, relayed, recorded; 1 if a send now holds buffer bid, which the
+ * caller must then not recycle (bid < 0: the payload is not a provided buffer; a relay sends a copy) */
+static int datagram(rc_thread_t *t, rc_sock_t *k, int bid, uint8_t *payload, size_t len, int trunc,
+                    const struct sockaddr_in *src, int64_t now)
+{
+    struct rc_uring *u = t->ur;
+    rc_session_t *s = k->s;
+    int L = k->leg, relay = 0, held = 0;
+    struct sockaddr_in *to = NULL;
+    rc_rtp_t p;
+    if (k->rtcp)
+        relay = rc_rtcp_check(s, L, payload, len, trunc, src) && (to = rc_relay_to(s, L, 1));
+    else if (rc_rtp_check(s, L, payload, len, trunc, src, &p, now))
+        relay = (to = rc_relay_to(s, L, 0)) != NULL;
+    else
+        return 0;
+    if (relay) {
+        if (bid >= 0) {
+            held = queue_send(u, k, (unsigned)bid, payload, len, to);
+        } else if (u->ncfree && len <= UR_BUFSZ) {
+            uint32_t c = u->cfree[--u->ncfree];
+            uint8_t *copy = u->cbufs + (size_t)c * UR_BUFSZ;
+            memcpy(copy, payload, len);
+            if (!queue_send(u, k, UR_NBUF + c, copy, len, to))
+                u->cfree[u->ncfree++] = c;
+        } else {
+            s->io[1 - L].send_errors++; /* more relays in flight than copies: dropped */
+        }
+    }
+    if (!k->rtcp)
+        rc_rtp_record(s, L, &p, src, now);
+    return held;
+}
+
+void rc_uring_datagram(rc_thread_t *t, rc_sock_t *k, uint8_t *payload, size_t len, int trunc,
+                       const struct sockaddr_in *src, int64_t now)
+{
+    datagram(t, k, -1, payload, len, trunc, src, now);
+}
+
 static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
 {
     struct rc_uring *u = t->ur;
@@ -267,25 +313,11 @@ static void on_recv(rc_thread_t *t, const struct io_uring_cqe *cqe, int64_t now)
     if (k && bid >= 0 && cqe->res >= (int)hdr) {
         uint8_t *buf = u->bufs + (size_t)bid * UR_BUFSZ, *payload = buf + hdr;
         const struct io_uring_recvmsg_out *o = (const void *)buf;
-        const struct sockaddr_in *src = (const void *)(o + 1);
         size_t avail = (size_t)cqe->res - hdr, len = o->payloadlen;
         int trunc = (o->flags & MSG_TRUNC) || len > avail;
-        rc_session_t *s = k->s;
-        int L = k->leg;
-        struct sockaddr_in *to;
         if (len > avail)
             len = avail;
-        if (k->rtcp) {
-            if (rc_rtcp_check(s, L, payload, len, trunc, src) && (to = rc_relay_to(s, L, 1)))
-                held = queue_send(u, k, (unsigned)bid, payload, len, to);
-        } else {
-            rc_rtp_t p;
-            if (rc_rtp_check(s, L, payload, len, trunc, src, &p, now)) {
-                if ((to = rc_relay_to(s, L, 0)))
-                    held = queue_send(u, k, (unsigned)bid, payload, len, to);
-                rc_rtp_record(s, L, &p, src, now);
-            }
-        }
+        held = datagram(t, k, bid, payload, len, trunc, (const struct sockaddr_in *)(o + 1), now);
     }
     if (bid >= 0 && !held)
         put_buf(u, (unsigned)bid);
@@ -306,7 +338,7 @@ static void on_send(struct rc_uring *u, const struct io_uring_cqe *cqe)
     unsigned bid = (uint32_t)cqe->user_data;
     ur_send_t *m;
     rc_sock_t *k;
-    if (bid >= UR_NBUF)
+    if (bid >= 2 * UR_NBUF || (bid >= UR_NBUF && !u->cbufs))
         return;
     m = &u->sends[bid];
     k = m->sock < u->nsocks && u->gens[m->sock] == m->gen ? u->socks[m->sock] : NULL;
@@ -319,7 +351,22 @@ static void on_send(struct rc_uring *u, const struct io_uring_cqe *cqe)
         else
             io->relayed++;
     }
-    put_buf(u, bid);
+    if (bid >= UR_NBUF)
+        u->cfree[u->ncfree++] = bid - UR_NBUF;
+    else
+        put_buf(u, bid);
+}
+
+static void arm_pkt(rc_thread_t *t)
+{
+    struct io_uring_sqe *sqe = get_sqe(t->ur);
+    if (!sqe)
+        return;
+    sqe->opcode = IORING_OP_POLL_ADD;
+    sqe->fd = rc_pkt_fd(t);
+    sqe->poll32_events = POLLIN;
+    sqe->len = IORING_POLL_ADD_MULTI;
+    sqe->user_data = ud(UD_PKT, 0, 0);
 }
 
 void rc_uring_loop(rc_thread_t *t)
@@ -327,6 +374,16 @@ void rc_uring_loop(rc_thread_t *t)
     struct rc_uring *u = t->ur;
     int64_t next_tick = rc_mono_ns() + TICK_NS;
     arm_cmd(t);
+    if (t->pk) {
+        /* the ring's blocks become readable one at a time (full, or 1 ms old): one completion
+         * each, and any completion or the tick is an occasion to read the ring */
+        u->cbufs = malloc((size_t)UR_NBUF * UR_BUFSZ);
+        u->cfree = malloc(UR_NBUF * sizeof *u->cfree);
+        if (u->cbufs && u->cfree)
+            for (unsigned i = 0; i < UR_NBUF; i++)
+                u->cfree[u->ncfree++] = UR_NBUF - 1 - i;
+        arm_pkt(t);
+    }
     while (!t->stop) {
         int64_t now = rc_mono_ns(), t1;
         unsigned head, tail, n = 0;
@@ -336,7 +393,8 @@ void rc_uring_loop(rc_thread_t *t)
             u->relayed_at = now;
         }
         if (next_tick > now)
-            ur_submit(u, now - u->relayed_at < 20 * TICK_NS ? UR_WAIT_RELAY : UR_WAIT_RECORD, next_tick - now);
+            ur_submit(u, t->pk ? 1 : now - u->relayed_at < 20 * TICK_NS ? UR_WAIT_RELAY : UR_WAIT_RECORD,
+                      next_tick - now);
         else
             ur_submit(u, 0, 0);
         t1 = rc_mono_ns();
@@ -356,6 +414,10 @@ void rc_uring_loop(rc_thread_t *t)
                 if (!(cqe->flags & IORING_CQE_F_MORE))
                     arm_cmd(t);
                 break;
+            case UD_PKT:
+                if (!(cqe->flags & IORING_CQE_F_MORE))
+                    arm_pkt(t);
+                break;
             default:
                 if (cqe->flags & IORING_CQE_F_BUFFER)
                     put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
@@ -369,6 +431,11 @@ void rc_uring_loop(rc_thread_t *t)
             }
         }
         __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+        if (t->pk) {
+            n += rc_pkt_drain(t, t1);
+            if ((t->ls.iterations & 1023) == 0)
+                rc_pkt_stats(t);
+        }
         if (cmds) {
             /* queued relays leave before a command can close (and reuse) their sockets' descriptors */
             ur_submit(u, 0, 0);
@@ -403,6 +470,8 @@ void rc_uring_free(rc_thread_t *t)
         munmap(u->br, u->br_sz);
     free(u->bufs);
     free(u->sends);
+    free(u->cbufs);
+    free(u->cfree);
     free(u->socks);
     free(u->gens);
     free(u->free_ids);
@@ -522,7 +591,7 @@ int rc_uring_init(rc_thread_t *t)
     u->br_sz = UR_NBUF * sizeof(struct io_uring_buf);
     u->br = mmap(NULL, u->br_sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     u->bufs = malloc((size_t)UR_NBUF * UR_BUFSZ);
-    u->sends = calloc(UR_NBUF, sizeof *u->sends);
+    u->sends = calloc(2 * UR_NBUF, sizeof *u->sends);
     u->cap = 1024;
     u->socks = calloc(u->cap, sizeof *u->socks);
     u->gens = calloc(u->cap, sizeof *u->gens);

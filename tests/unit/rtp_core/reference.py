@@ -500,3 +500,57 @@ class Recorder:
             "channels": self.channels,
             "legs": legs,
         }
+
+
+# ---- the packet ring's IPv4 / UDP check (rtp_core/packet.c) ----------------------------------------
+
+
+def ones_complement_sum(data: bytes) -> int:
+    """RFC 1071: the 16-bit one's complement sum (0xFFFF for a valid checksummed block)."""
+    if len(data) % 2:
+        data += b"\x00"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def parse_ipv4_udp(pkt: bytes, csum_known: bool = False) -> tuple[int, int] | str:
+    """(UDP offset, UDP length) of a whole, valid unfragmented IPv4 UDP datagram; else why not."""
+    if len(pkt) < 28 or pkt[0] >> 4 != 4:
+        return "invalid"
+    ihl = (pkt[0] & 0x0F) * 4
+    total = int.from_bytes(pkt[2:4], "big")
+    frag = int.from_bytes(pkt[6:8], "big") & 0x3FFF
+    if ihl < 20 or total < ihl + 8 or total > len(pkt) or pkt[9] != 17 or frag:
+        return "invalid"
+    if ones_complement_sum(pkt[:ihl]) != 0xFFFF:
+        return "invalid"
+    ulen = int.from_bytes(pkt[ihl + 4 : ihl + 6], "big")
+    if ulen < 8 or ulen > total - ihl:
+        return "invalid"
+    udp = pkt[ihl : ihl + ulen]
+    if not csum_known and udp[6:8] != b"\x00\x00":
+        pseudo = pkt[12:20] + bytes([0, 17]) + ulen.to_bytes(2, "big")
+        if ones_complement_sum(pseudo + udp) != 0xFFFF:
+            return "udp checksum"
+    return ihl, ulen
+
+
+def build_ipv4_udp(
+    src: tuple[str, int], dst: tuple[str, int], payload: bytes, *, options: bytes = b"", udp_csum: bool = True
+) -> bytes:
+    """An IPv4 UDP datagram with correct header and (optionally) UDP checksums."""
+    import socket
+
+    ihl = 20 + len(options)
+    ulen = 8 + len(payload)
+    s_ip, d_ip = socket.inet_aton(src[0]), socket.inet_aton(dst[0])
+    udp = struct.pack("!HHHH", src[1], dst[1], ulen, 0) + payload
+    if udp_csum:
+        c = 0xFFFF - ones_complement_sum(s_ip + d_ip + bytes([0, 17]) + ulen.to_bytes(2, "big") + udp)
+        udp = udp[:6] + (c or 0xFFFF).to_bytes(2, "big") + udp[8:]
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + ulen, 0x1234, 0x4000, 64, 17, 0, s_ip, d_ip)
+    hdr += options
+    c = 0xFFFF - ones_complement_sum(hdr)
+    return hdr[:10] + c.to_bytes(2, "big") + hdr[12:] + udp
