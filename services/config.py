@@ -224,6 +224,10 @@ class SipServerConfig:
             raise ConfigError(f"{where}.bind_timeout must be positive")
 
 
+#: Shortest accepted ``resource_manager.replication_secret``.
+MIN_REPLICATION_SECRET = 16
+
+
 @dataclass
 class RmInstance:
     """One RM of an active/active group: its SIP address and its affinity replication port."""
@@ -259,6 +263,9 @@ class ResourceManagerConfig:
     instances: list[RmInstance] = field(default_factory=list)
     # Seconds a starting RM waits for its peers' affinity snapshots before it reports ready.
     sync_timeout: float = 3.0
+    #: Shared secret of the instances (HMAC challenge and per-message MACs on the affinity
+    #: replication links, services/ha_auth.py); required with two or more instances.
+    replication_secret: str = ""
 
     def instance(self, name: str | None) -> RmInstance | None:
         """The named instance (the first one for None); None when no instances are configured."""
@@ -280,6 +287,13 @@ class ResourceManagerConfig:
             names.add(inst.name)
             if not 0 < inst.replication_port < 65536:
                 raise ConfigError(f"{where}.instances[{i}].replication_port is out of range")
+        if len(self.instances) > 1 and len(self.replication_secret) < MIN_REPLICATION_SECRET:
+            what = "is not set" if not self.replication_secret else "is too short"
+            raise ConfigError(
+                f"{where}.replication_secret {what}: the {len(self.instances)} instances replicate the "
+                f"session affinity over a link authenticated by it (at least {MIN_REPLICATION_SECRET} "
+                f"characters, the same on every instance; e.g. CALLVAULT_RESOURCE_MANAGER_REPLICATION_SECRET)"
+            )
         if self.sync_timeout < 0:
             raise ConfigError(f"{where}.sync_timeout must not be negative")
         if self.options_interval <= 0:

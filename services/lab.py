@@ -25,6 +25,7 @@ import string
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,9 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
         "resource_manager": {
             "host": "127.0.0.1",
             "port": ports.resource_manager,
-            # the active/active pair sharing the session affinity (docs/HA.md)
+            # the active/active pair sharing the session affinity (docs/HA.md), over a link
+            # authenticated with this secret
+            "replication_secret": secrets.token_hex(16),
             "instances": [
                 {
                     "name": "rm1",
@@ -230,6 +233,27 @@ def make_config(ports: LabPorts, *, users: int = 4) -> dict[str, Any]:
             },
         ],
     }
+
+
+def add_missing_secrets(path: Path) -> bool:
+    """Give a lab configuration written by an older version the secrets now required (the RM pair's
+    ``replication_secret``), by inserting a line under its table: the rest of the file, comments
+    included, stays as it is. Returns whether the file changed."""
+    text = path.read_text()
+    try:
+        rm = tomllib.loads(text).get("resource_manager", {})
+    except tomllib.TOMLDecodeError:
+        return False  # config.load reports it
+    if len(rm.get("instances", [])) < 2 or "replication_secret" in rm:
+        return False
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == "[resource_manager]":
+            lines.insert(i + 1, f'replication_secret = "{secrets.token_hex(16)}"\n')
+            path.write_text("".join(lines))
+            log.info("%s: added resource_manager.replication_secret (now required)", path)
+            return True
+    return False
 
 
 def crypto_server_specs(cfg: config_mod.ClusterConfig) -> list[tuple[str, list[str]]]:
@@ -372,6 +396,8 @@ class Lab:
                 config_mod._apply_override(data, dotted, value)
             self.config_path.write_text(to_toml(data))
             os.chmod(self.config_path, 0o600)
+        else:
+            add_missing_secrets(self.config_path)
         self.config = config_mod.load(self.config_path)
         self.daemons = {
             label: DaemonProcess(label, args, self.config_path, self.var_dir / "log")

@@ -140,7 +140,7 @@ async def run(
             peers = [Peer(i.name, i.host, i.replication_port) for i in rm.instances if i.name != inst.name]
             replicator = Replicator(
                 inst.name, proxy.store, host=inst.host, port=inst.replication_port, peers=peers,
-                on_mcp_down=proxy.peer_found_down,
+                secret=rm.replication_secret.encode("utf-8"), on_mcp_down=proxy.peer_found_down,
             )  # fmt: skip
             proxy.tell_peers = replicator.mcp_down
             await replicator.start()

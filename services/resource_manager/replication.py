@@ -8,10 +8,20 @@ The link is symmetric: as soon as it is up, each side sends a snapshot of its
 
 Wire format: one JSON object per line (UTF-8), at most ``MAX_LINE`` bytes::
 
-    {"t": "hello", "name": "rm1"}                    first line on each side
+    {"t": "hello", "name": "rm1", "nonce": "..."}    first line on each side
+    {"t": "auth", "mac": "..."}                      second line on each side
     {"t": "snapshot", "entries": [entry dict, ...]}  the sender's whole state
     {"t": "put", "entry": {...}} / {"t": "remove", "session_id": "..."}   one change
     {"t": "mcp_down", "mcp": "mcp1"}                 the sender found this MCP dead
+
+The link is authenticated with the pair's shared secret (``resource_manager.replication_secret``)
+by :mod:`services.ha_auth`, as the SIP Servers' link is: each side answers the other's hello nonce
+with an HMAC over that nonce, its name and its role on the connection (``dial`` / ``accept``, so
+that an RM cannot be used to answer a challenge on a stranger's behalf), and nothing is sent nor
+applied before the peer's answer verified. Every later line carries an HMAC under a key of this
+connection with an implicit sequence number (:class:`~services.ha_auth.Sealer`), so a line that is
+injected, altered or replayed is refused. A connection or line that fails is dropped, counted
+(:attr:`Replicator.auth_failures`) and logged at WARNING with the peer's address.
 
 :class:`LinkCodec` is the sans-I/O part (encode, decode, apply to a store); :class:`Replicator`
 moves lines over asyncio streams. A snapshot is merged, not substituted: an entry of the peer
@@ -30,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from services import ha_auth
+
 from .affinity import AffinityEntry, AffinityStore, Change
 
 log = logging.getLogger("callvault.rm.replication")
@@ -38,6 +50,11 @@ MAX_LINE = 4 * 1024 * 1024  # a snapshot of ~10000 sessions
 RECONNECT = 0.2  # seconds between connection attempts to an absent peer
 #: Changes queued for a slow peer before the link is dropped and resynchronised by snapshot.
 MAX_BACKLOG = 100_000
+#: Label of the RM link's HMACs (distinct from the SIP Server pair's).
+AUTH_CONTEXT = "callvault-rm"
+#: Seconds a connection has for its hello, then for its auth.
+HANDSHAKE_TIMEOUT = 5.0
+MESSAGE_TYPES = ("hello", "auth", "snapshot", "put", "remove", "mcp_down")
 
 
 class ReplicationError(ValueError):
@@ -57,8 +74,33 @@ class LinkCodec:
     """Sans-I/O: messages to lines and back, and their effect on a store."""
 
     @staticmethod
-    def hello(name: str) -> bytes:
-        return _line({"t": "hello", "name": name})
+    def hello(name: str, nonce: str = "") -> bytes:
+        return _line({"t": "hello", "name": name, "nonce": nonce})
+
+    @staticmethod
+    def auth(secret: bytes, peer_nonce: str, name: str, role: str) -> bytes:
+        """Our answer to the peer's challenge: we are ``name`` and ``role`` ('dial' or 'accept')."""
+        return _line({"t": "auth", "mac": ha_auth.mac(secret, peer_nonce, f"{name}\n{role}", AUTH_CONTEXT)})
+
+    @staticmethod
+    def verify_auth(secret: bytes, my_nonce: str, peer: str, peer_role: str, msg: dict[str, Any]) -> None:
+        """Raises :class:`~services.ha_auth.AuthError` unless ``msg`` is ``peer``'s valid answer,
+        in ``peer_role``, to our challenge ``my_nonce``."""
+        if msg.get("t") != "auth":
+            raise ha_auth.AuthError(f"{str(msg.get('t'))[:20]!r} message instead of auth")
+        if "mac" not in msg:
+            raise ha_auth.AuthError("auth without a MAC")
+        if not ha_auth.verify(secret, my_nonce, f"{peer}\n{peer_role}", msg["mac"], AUTH_CONTEXT):
+            raise ha_auth.AuthError(f"bad MAC in the auth of {peer!r} (not the pair's secret, or replayed)")
+
+    @staticmethod
+    def session(
+        secret: bytes, me: str, peer: str, *, dialled: bool, my_nonce: str, peer_nonce: str
+    ) -> tuple[ha_auth.Sealer, ha_auth.Opener]:
+        """What seals our lines and opens the peer's on one authenticated connection."""
+        dialler, acceptor = (my_nonce, peer_nonce) if dialled else (peer_nonce, my_nonce)
+        key = ha_auth.session_key(secret, AUTH_CONTEXT, dialler, acceptor)
+        return ha_auth.Sealer(key, me), ha_auth.Opener(key, peer)
 
     @staticmethod
     def snapshot(store: AffinityStore) -> bytes:
@@ -79,13 +121,7 @@ class LinkCodec:
             msg = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ReplicationError(f"not JSON: {exc}") from None
-        if not isinstance(msg, dict) or msg.get("t") not in (
-            "hello",
-            "snapshot",
-            "put",
-            "remove",
-            "mcp_down",
-        ):
+        if not isinstance(msg, dict) or msg.get("t") not in MESSAGE_TYPES:
             raise ReplicationError(f"unknown message {str(msg)[:80]!r}")
         return msg
 
@@ -141,11 +177,17 @@ class Replicator:
         host: str,
         port: int,
         peers: list[Peer],
+        secret: bytes,
         on_sync: Callable[[str], None] | None = None,
         on_mcp_down: Callable[[str, str], None] | None = None,
     ) -> None:
+        if not secret:
+            raise ValueError("affinity replication needs the pair's shared secret")
         self.name = name
         self.store = store
+        self._secret = secret
+        #: Connections and lines refused because they did not prove the secret (see the module doc).
+        self.auth_failures = 0
         self.host = host
         self.port = port
         self.peers = peers
@@ -248,35 +290,53 @@ class Replicator:
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         name = expect or f"{peer_addr}"
         sender: asyncio.Task[None] | None = None
+        dialled = expect is not None
+        nonce = ha_auth.new_nonce()
+        authenticated = False
         try:
-            writer.write(LinkCodec.hello(self.name))
-            first = await asyncio.wait_for(reader.readline(), 5.0)
+            writer.write(LinkCodec.hello(self.name, nonce))
+            first = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
             if not first:
                 log.debug("replication connection from %s closed before its hello (a probe)", peer_addr)
                 return
             hello = LinkCodec.decode(first)
             if hello.get("t") != "hello" or not isinstance(hello.get("name"), str):
-                raise ReplicationError("the first line is not a hello")
-            name = hello["name"]
-            if expect is not None and name != expect:
-                raise ReplicationError(f"expected peer {expect!r}, got {name!r}")
-            if name not in self.synced:
-                raise ReplicationError(f"peer {name!r} is not configured")
+                raise ha_auth.AuthError(f"the first line is a {str(hello.get('t'))[:20]!r}, not a hello")
+            claimed, peer_nonce = hello["name"], hello.get("nonce")
+            if not isinstance(peer_nonce, str) or len(peer_nonce) < 2 * ha_auth.NONCE_BYTES:
+                raise ha_auth.AuthError("hello without a nonce")
+            if expect is not None and claimed != expect:
+                raise ReplicationError(f"expected peer {expect!r}, got {claimed!r}")
+            if claimed not in self.synced:
+                raise ha_auth.AuthError(f"peer {claimed[:40]!r} is not configured")
+            role, peer_role = ("dial", "accept") if dialled else ("accept", "dial")
+            writer.write(LinkCodec.auth(self._secret, peer_nonce, self.name, role))
+            answer = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT)
+            if not answer:
+                log.info("replication connection from %s (%s) closed before its auth", peer_addr, claimed)
+                return
+            LinkCodec.verify_auth(self._secret, nonce, claimed, peer_role, LinkCodec.decode(answer))
+            name, authenticated = claimed, True
+            sealer, opener = LinkCodec.session(
+                self._secret, self.name, name, dialled=dialled, my_nonce=nonce, peer_nonce=peer_nonce
+            )
             # Register the queue before the snapshot: no change falls between the two.
             old = self._queues.get(name)
             if old is not None:
                 old.put_nowait(b"")  # an older link of the same peer: let it go
             self._queues[name] = queue
-            writer.write(LinkCodec.snapshot(self.store))
-            sender = asyncio.ensure_future(self._send(queue, writer))
-            log.info("replication link with %s up", name)
+            writer.write(sealer.seal(LinkCodec.snapshot(self.store)))
+            sender = asyncio.ensure_future(self._send(queue, writer, sealer))
+            log.info("replication link with %s (%s) up, authenticated", name, peer_addr)
             while True:
                 line = await reader.readline()
                 if not line:
                     break
                 if not line.endswith(b"\n"):
                     raise ReplicationError("line too long or cut short")
-                msg = LinkCodec.decode(line)
+                msg = LinkCodec.decode(opener.open(line))
+                if msg["t"] in ("hello", "auth"):
+                    raise ReplicationError(f"{msg['t']} message on an established link")
                 if msg["t"] == "mcp_down":
                     if self.on_mcp_down is not None and isinstance(msg.get("mcp"), str):
                         self.on_mcp_down(msg["mcp"], name)
@@ -289,8 +349,17 @@ class Replicator:
                         self.on_sync(name)
                 if sender.done():
                     break
-        except (ReplicationError, TimeoutError, asyncio.LimitOverrunError, ValueError) as exc:
-            log.warning("replication link with %s dropped: %s", name, exc)
+        except (ha_auth.AuthError, ReplicationError, TimeoutError, ValueError) as exc:
+            if not isinstance(exc, ha_auth.AuthError) and authenticated:
+                log.warning("replication link with %s (%s) dropped: %s", name, peer_addr, exc)
+                return
+            # Anything but a valid answer first, or a line whose MAC fails: nothing of it was applied;
+            # a real peer's link is re-established by its dialler and resynchronised by snapshot.
+            self.auth_failures += 1
+            log.warning(
+                "replication: message from %s (%s) refused, connection dropped: %s "
+                "(%d authentication failure(s) so far)", peer_addr, name, exc, self.auth_failures,
+            )  # fmt: skip
         except (ConnectionError, OSError) as exc:
             log.info("replication link with %s lost: %s", name, exc)
         finally:
@@ -299,15 +368,18 @@ class Replicator:
             if sender is not None:
                 sender.cancel()
             writer.close()  # not awaited: a cancelled link must not wait on its peer
-            log.info("replication link with %s down", name)
+            if sender is not None:
+                log.info("replication link with %s down", name)
 
     @staticmethod
-    async def _send(queue: asyncio.Queue[bytes], writer: asyncio.StreamWriter) -> None:
+    async def _send(
+        queue: asyncio.Queue[bytes], writer: asyncio.StreamWriter, sealer: ha_auth.Sealer
+    ) -> None:
         while True:
             line = await queue.get()
             if not line:
                 writer.close()  # the reading side sees the end of the link too
                 return
-            writer.write(line)
+            writer.write(sealer.seal(line))
             if queue.empty():
                 await writer.drain()

@@ -28,14 +28,13 @@ Nothing here touches sockets or clocks: :mod:`services.sip_server.ha` is the asy
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import logging
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from services import ha_auth
 from services.sip_server.registrar import Binding, BindingStore
 
 log = logging.getLogger(__name__)
@@ -140,19 +139,14 @@ def hello(node: str, state: NodeState, epoch: int, priority: int, nonce: str = "
     }
 
 
-def _mac(secret: bytes, nonce: str, node: str) -> str:
-    return hmac.new(secret, f"callvault-ha\n{nonce}\n{node}".encode(), hashlib.sha256).hexdigest()
-
-
 def auth_message(secret: bytes, peer_nonce: str, node: str) -> dict[str, Any]:
     """Proof that ``node`` (us) holds the pair's secret, over the nonce the peer sent."""
-    return {"type": AUTH, "mac": _mac(secret, peer_nonce, node)}
+    return {"type": AUTH, "mac": ha_auth.mac(secret, peer_nonce, node)}
 
 
 def verify_auth(secret: bytes, my_nonce: str, peer_node: str, message: dict[str, Any]) -> bool:
     """Whether the peer's auth message answers our nonce with the pair's secret."""
-    mac = message.get("mac")
-    return isinstance(mac, str) and hmac.compare_digest(mac, _mac(secret, my_nonce, peer_node))
+    return ha_auth.verify(secret, my_nonce, peer_node, message.get("mac"))
 
 
 def heartbeat(now: float) -> dict[str, Any]:

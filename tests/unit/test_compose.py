@@ -373,6 +373,8 @@ def test_compose_config_file_loads() -> None:
     cfg = config_mod.load(COMPOSE_CONFIG, environ={})
     assert [m.name for m in cfg.mcp] == ["mcp1", "mcp2", "mcp3"]
     assert cfg.web_services.internal_token and cfg.sip_server.nonce_secret
+    # both RMs read this file: one secret authenticates their replication link
+    assert len(cfg.resource_manager.instances) == 2 and cfg.resource_manager.replication_secret
     assert cfg.tenants
 
 

@@ -108,3 +108,48 @@ def test_lab_config_round_trips_through_toml(tmp_path: Path) -> None:
     assert cfg.tenant_for_domain("acme.lab").id == "acme"
     assert cfg.tenant_for_api_key(data["tenants"][1]["api_key"]).id == "acme"
     assert cfg.tenant_for_api_key("wrong") is None
+
+
+RM_PAIR = """
+[[resource_manager.instances]]
+name = "rm1"
+port = 5070
+replication_port = 5071
+
+[[resource_manager.instances]]
+name = "rm2"
+port = 5072
+replication_port = 5073
+"""
+
+
+def test_rm_pair_needs_a_replication_secret(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + RM_PAIR)
+    with pytest.raises(config.ConfigError, match=r"resource_manager\.replication_secret is not set"):
+        config.load(path, environ={})
+    with pytest.raises(config.ConfigError, match=r"resource_manager\.replication_secret is too short"):
+        config.load(path, environ={}, overrides={"resource_manager.replication_secret": "short"})
+    secret = "0123456789abcdef-pair"
+    cfg = config.load(path, environ={"CALLVAULT_RESOURCE_MANAGER_REPLICATION_SECRET": secret})
+    assert cfg.resource_manager.replication_secret == secret
+    # a lone RM (no instances, or one) replicates nothing: no secret needed
+    assert config.load(write(tmp_path, MINIMAL), environ={}).resource_manager.replication_secret == ""
+    one = MINIMAL + RM_PAIR.split('[[resource_manager.instances]]\nname = "rm2"')[0]
+    assert len(config.load(write(tmp_path, one), environ={}).resource_manager.instances) == 1
+
+
+def test_lab_config_has_the_rm_secret_and_old_lab_files_get_one(tmp_path: Path) -> None:
+    from services.lab import add_missing_secrets
+
+    data = make_config(LabPorts.free())
+    assert len(data["resource_manager"]["replication_secret"]) >= config.MIN_REPLICATION_SECRET
+    del data["resource_manager"]["replication_secret"]  # a lab.toml written before it existed
+    path = write(tmp_path, to_toml(data) + "# edited by hand\n")
+    with pytest.raises(config.ConfigError, match="replication_secret"):
+        config.load(path, environ={})
+    assert add_missing_secrets(path)
+    assert "# edited by hand" in path.read_text()
+    secret = config.load(path, environ={}).resource_manager.replication_secret
+    assert len(secret) >= config.MIN_REPLICATION_SECRET
+    assert not add_missing_secrets(path)  # once
+    assert config.load(path, environ={}).resource_manager.replication_secret == secret
