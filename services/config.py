@@ -318,6 +318,9 @@ class McpConfig:
     rtp_port_max: int = 24999
     spool_dir: str = "var/mcp1/spool"
     engine_threads: int = 1
+    #: rtp_core's receive path: "auto" (the packet ring where CAP_NET_RAW allows, else io_uring
+    #: where the kernel allows, else epoll), or one of "packet", "io_uring", "epoll" (docs/RTP_CORE.md).
+    engine_io: str = "auto"
     media_timeout: float = 60.0
     # Seconds a stopping MCP spends ending its sessions (BYE) and storing their recordings.
     shutdown_timeout: float = 10.0
@@ -327,6 +330,16 @@ class McpConfig:
             raise ConfigError(f"{where}.rtp_port_min/rtp_port_max must be a range within 1024-65535")
         if self.rtp_port_max - self.rtp_port_min < 8:
             raise ConfigError(f"{where}: the RTP port range must hold at least 8 ports")
+        if self.engine_io not in ("auto", "packet", "io_uring", "epoll"):
+            raise ConfigError(
+                f"{where}.engine_io must be one of auto, packet, io_uring, epoll, not {self.engine_io!r}"
+            )
+        if not 1 <= self.engine_threads <= 64:
+            raise ConfigError(f"{where}.engine_threads must be within 1-64")
+        if (self.rtp_port_max - self.rtp_port_min + 1) // 2 < 4 * self.engine_threads:
+            raise ConfigError(
+                f"{where}: the RTP port range is too small for {self.engine_threads} engine threads"
+            )
 
 
 @dataclass

@@ -40,7 +40,11 @@ def make_engine(mcp: McpConfig) -> Any:
     from rtp_core import Engine
 
     return Engine(
-        bind_ip=mcp.rtp_ip, port_min=mcp.rtp_port_min, port_max=mcp.rtp_port_max, threads=mcp.engine_threads
+        bind_ip=mcp.rtp_ip,
+        port_min=mcp.rtp_port_min,
+        port_max=mcp.rtp_port_max,
+        threads=mcp.engine_threads,
+        io=mcp.engine_io,
     )
 
 
@@ -85,8 +89,9 @@ async def run(
         loop.add_reader(engine.fileno(), server.on_engine_readable)
         reader = True
         log.info(
-            "MCP %s on %s:%d (udp+tcp), RTP %s:%d-%d, spool %s",
-            mcp.name, endpoint.host, endpoint.port, mcp.rtp_ip, mcp.rtp_port_min, mcp.rtp_port_max, spool,
+            "MCP %s on %s:%d (udp+tcp), RTP %s:%d-%d (%s receive path, %d engine thread(s)), spool %s",
+            mcp.name, endpoint.host, endpoint.port, mcp.rtp_ip, mcp.rtp_port_min, mcp.rtp_port_max,
+            getattr(engine, "io", mcp.engine_io), mcp.engine_threads, spool,
         )  # fmt: skip
         _drain_signals(loop, server, mcp.name)
         if ready is not None:

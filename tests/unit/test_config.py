@@ -64,6 +64,26 @@ def test_errors_name_the_field(tmp_path: Path, patch: str, message: str) -> None
         config.load(write(tmp_path, MINIMAL + patch), environ={})
 
 
+def test_mcp_engine_settings(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(tmp_path, MINIMAL.replace('name = "mcp1"', 'name = "mcp1"\nengine_io = "epoll"')), environ={}
+    )
+    assert cfg.mcp[0].engine_io == "epoll"
+    assert config.load(write(tmp_path, MINIMAL), environ={}).mcp[0].engine_io == "auto"
+    bad = [
+        ('engine_io = "select"', r"mcp\[0\]\.engine_io must be one of"),
+        ("engine_threads = 0", "engine_threads"),
+    ]
+    bad.append(
+        ("rtp_port_min = 20000\nrtp_port_max = 20020\nengine_threads = 4", "too small for 4 engine threads")
+    )
+    for line, message in bad:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(
+                write(tmp_path, MINIMAL.replace('name = "mcp1"', f'name = "mcp1"\n{line}')), environ={}
+            )
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
