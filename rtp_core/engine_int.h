@@ -23,7 +23,8 @@ typedef struct rc_session rc_session_t;
 typedef struct {
     rc_session_t *s;
     int leg, rtcp, fd;
-    uint32_t slot;                     /* io_uring: index in the thread's socket table */
+    uint32_t slot;                     /* io_uring: index in the thread's socket table ... */
+    int fixed;                         /* ... and in the ring's registered files (sends skip fget) */
 } rc_sock_t;
 
 typedef struct {
@@ -122,5 +123,8 @@ unsigned rc_pkt_drain(rc_thread_t *t, int64_t now);         /* the packets of ev
 void rc_pkt_stats(rc_thread_t *t);                          /* kernel drop counters into t->ls */
 void rc_pkt_set_port(rc_thread_t *t, int port, rc_sock_t *k);
 int rc_pkt_drop_all(int fd);                                /* a leg socket: the ring takes its datagrams */
+int rc_pkt_raw_fd(const rc_thread_t *t);                    /* the raw socket relays go out of, or -1 */
+size_t rc_pkt_build(rc_thread_t *t, uint8_t *out, const uint8_t *payload, size_t len, int sport,
+                    const struct sockaddr_in *to);
 
 #endif

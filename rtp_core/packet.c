@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <stddef.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -53,6 +54,8 @@ struct rc_pkt {
     int port_lo, port_hi;              /* this thread's ports */
     rc_sock_t **ports;                 /* [port - port_lo]: the leg socket bound there, or NULL */
     uint32_t bind_ip;                  /* network order; 0 = any */
+    int raw;                           /* IPPROTO_RAW socket the relays go out of, or -1 */
+    uint16_t ip_id;
     uint64_t drops, no_leg;
 };
 
@@ -131,6 +134,57 @@ int rc_pkt_parse_ipv4(const uint8_t *ip, size_t cap, int csum_known, const uint8
     *udp = ip + ihl;
     *ulen = ul;
     return 1;
+}
+
+/* ---- sending ----------------------------------------------------------------------------- */
+
+int rc_pkt_raw_fd(const rc_thread_t *t) { return t->pk ? t->pk->raw : -1; }
+
+/* an IPv4 UDP datagram from the engine's address and port sport to *to, carrying payload, written
+ * to out (which has room for len + 28); returns its length.  The kernel completes the IP header
+ * checksum (IP_HDRINCL); the UDP checksum is ours. */
+size_t rc_pkt_build(rc_thread_t *t, uint8_t *out, const uint8_t *payload, size_t len, int sport,
+                    const struct sockaddr_in *to)
+{
+    struct rc_pkt *p = t->pk;
+    size_t ulen = len + 8, tot = ulen + 20;
+    uint8_t *ip = out, *udp = out + 20;
+    uint32_t sum;
+    uint16_t c, id = p->ip_id++;
+    ip[0] = 0x45;
+    ip[1] = 0;
+    ip[2] = (uint8_t)(tot >> 8);
+    ip[3] = (uint8_t)tot;
+    ip[4] = (uint8_t)(id >> 8);        /* don't fragment: any identification will do (RFC 6864) */
+    ip[5] = (uint8_t)id;
+    ip[6] = 0x40;
+    ip[7] = 0;
+    ip[8] = 64;
+    ip[9] = IPPROTO_UDP;
+    ip[10] = ip[11] = 0;
+    memcpy(ip + 12, &p->bind_ip, 4);
+    memcpy(ip + 16, &to->sin_addr, 4);
+    udp[0] = (uint8_t)(sport >> 8);
+    udp[1] = (uint8_t)sport;
+    memcpy(udp + 2, &to->sin_port, 2);
+    udp[4] = (uint8_t)(ulen >> 8);
+    udp[5] = (uint8_t)ulen;
+    udp[6] = udp[7] = 0;
+    memcpy(udp + 8, payload, len);
+    {
+        uint8_t ph[12];
+        memcpy(ph, ip + 12, 8);
+        ph[8] = 0;
+        ph[9] = IPPROTO_UDP;
+        ph[10] = udp[4];
+        ph[11] = udp[5];
+        sum = sum16(udp, ulen, sum16(ph, sizeof ph, 0));
+    }
+    c = (uint16_t)~sum;
+    if (c == 0)
+        c = 0xffff;                    /* 0 would mean "no checksum" */
+    memcpy(udp + 6, &c, 2);            /* the sum was taken in memory order: store it likewise */
+    return tot;
 }
 
 /* ---- the filter ---------------------------------------------------------------------------- */
@@ -226,36 +280,93 @@ static unsigned walk(rc_thread_t *t, struct rc_pkt *p, int64_t now, pkt_fn fn, v
     return seen;
 }
 
-static void on_packet(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t status, int64_t now, void *arg)
+/* a packet of the ring, resolved to the leg socket it is for */
+typedef struct {
+    rc_sock_t *k;
+    uint8_t *payload;
+    size_t len;
+    struct sockaddr_in src;
+} pk_item_t;
+
+#define PK_AHEAD 4                     /* packets resolved (and their session prefetched) ahead */
+
+static int resolve(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t status, pk_item_t *it)
 {
     struct rc_pkt *p = t->pk;
     const uint8_t *udp;
     size_t ulen;
     int port, ok;
     rc_sock_t *k;
-    struct sockaddr_in src;
-    (void)arg;
     ok = rc_pkt_parse_ipv4(ip, cap, (status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID)) != 0, &udp, &ulen);
     if (ok <= 0) {
         t->ls.ring_rejected++;
-        return;
+        return 0;
     }
     port = udp[2] << 8 | udp[3];
     if (port < p->port_lo || port > p->port_hi || !(k = p->ports[port - p->port_lo])) {
         p->no_leg++;                   /* a port of ours with no leg (any more): what the socket would drop */
-        return;
+        return 0;
     }
     t->ls.datagrams++;
-    src.sin_family = AF_INET;
-    memcpy(&src.sin_port, udp, 2);
-    memcpy(&src.sin_addr, ip + 12, 4);
-    memset(src.sin_zero, 0, sizeof src.sin_zero);
-    rc_uring_datagram(t, k, (uint8_t *)udp + 8, ulen - 8, 0, &src, now);
+    it->k = k;
+    it->payload = (uint8_t *)udp + 8;
+    it->len = ulen - 8;
+    it->src.sin_family = AF_INET;
+    memcpy(&it->src.sin_port, udp, 2);
+    memcpy(&it->src.sin_addr, ip + 12, 4);
+    memset(it->src.sin_zero, 0, sizeof it->src.sin_zero);
+    /* with thousands of sessions their state has left the cache since their last packet: fetch
+     * it now, to be warm when this packet's turn comes */
+    {
+        rc_session_t *s = k->s;
+        const char *leg = (const char *)&s->rec.leg[k->leg];
+        __builtin_prefetch(s, 1);
+        __builtin_prefetch(&s->io[k->leg], 1);
+        __builtin_prefetch((const char *)&s->io[k->leg] + 64, 1);
+        __builtin_prefetch(&s->io[1 - k->leg], 0);
+        __builtin_prefetch((const char *)&s->io[1 - k->leg] + 64, 0);
+        __builtin_prefetch(&s->rec, 1);
+        for (size_t off = 0; off < offsetof(rc_leg_t, dtmf_len); off += 64)
+            __builtin_prefetch(leg + off, 1);
+    }
+    return 1;
 }
 
 unsigned rc_pkt_drain(rc_thread_t *t, int64_t now)
 {
-    return walk(t, t->pk, now, on_packet, NULL);
+    struct rc_pkt *p = t->pk;
+    pk_item_t q[PK_AHEAD];
+    unsigned seen = 0, head = 0, n = 0;
+    for (unsigned guard = 0; guard < PK_BLOCKS; guard++) {
+        struct tpacket_block_desc *bd = block(p, p->cur);
+        struct tpacket3_hdr *h;
+        uint32_t num;
+        if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+            break;
+        num = bd->hdr.bh1.num_pkts;
+        h = (struct tpacket3_hdr *)((uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt);
+        for (uint32_t i = 0; i < num; i++) {
+            struct tpacket3_hdr *next = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
+            if (i + 1 < num)
+                __builtin_prefetch((uint8_t *)next + next->tp_net);
+            if (n == PK_AHEAD) {
+                pk_item_t *it = &q[head];
+                rc_uring_datagram(t, it->k, it->payload, it->len, 0, &it->src, now);
+                head = (head + 1) % PK_AHEAD;
+                n--;
+            }
+            if (resolve(t, (uint8_t *)h + h->tp_net, h->tp_snaplen, h->tp_status, &q[(head + n) % PK_AHEAD]))
+                n++;
+            h = next;
+        }
+        /* the block goes back to the kernel only when none of its packets waits */
+        for (; n; n--, head = (head + 1) % PK_AHEAD)
+            rc_uring_datagram(t, q[head].k, q[head].payload, q[head].len, 0, &q[head].src, now);
+        seen += num;
+        __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        p->cur = (p->cur + 1) % PK_BLOCKS;
+    }
+    return seen;
 }
 
 void rc_pkt_stats(rc_thread_t *t)
@@ -286,6 +397,8 @@ void rc_pkt_free(rc_thread_t *t)
         munmap(p->ring, p->ring_sz);
     if (p->fd >= 0)
         close(p->fd);
+    if (p->raw >= 0)
+        close(p->raw);
     free(p->ports);
     free(p);
     t->pk = NULL;
@@ -339,11 +452,33 @@ static int self_test(rc_thread_t *t, struct rc_pkt *p)
         poll(&pf, 1, 5);
         walk(t, p, 0, on_probe, &pr);
     }
-    close(fd);
     if (!pr.got) {
+        close(fd);
         snprintf(t->init_msg, sizeof t->init_msg, "a loopback datagram did not come through the packet ring");
         return -1;
     }
+    if (p->raw >= 0) {
+        /* a datagram built here must reach a UDP socket intact (header, checksum), else the relays
+         * go out of the legs' sockets */
+        uint8_t pkt[64], got[16];
+        struct sockaddr_in to = a;
+        size_t n = rc_pkt_build(t, pkt, (const uint8_t *)"raw-probe", 9, pr.port, &to);
+        ssize_t r = -1;
+        if (sendto(p->raw, pkt, n, 0, (struct sockaddr *)&to, sizeof to) == (ssize_t)n) {
+            for (int i = 0; i < 100 && r < 0; i++) {
+                struct pollfd pf = {fd, POLLIN, 0};
+                poll(&pf, 1, 5);
+                r = recv(fd, got, sizeof got, MSG_DONTWAIT);
+                if (r >= 0 && (r != 9 || memcmp(got, "raw-probe", 9) != 0))
+                    r = -1;        /* the ring's own probe, still queued: read on */
+            }
+        }
+        if (r != 9) {
+            close(p->raw);
+            p->raw = -1;
+        }
+    }
+    close(fd);
     return 0;
 }
 
@@ -361,6 +496,16 @@ int rc_pkt_init(rc_thread_t *t, int port_lo, int port_hi)
     p->port_lo = port_lo;
     p->port_hi = port_hi;
     p->bind_ip = t->eng->bind_ip.s_addr;
+    p->raw = -1;
+    if (p->bind_ip) {
+        /* relays from one raw socket: the headers are written here, so no leg socket (each one cold
+         * in the cache at thousands of legs) is touched per packet; needs a source address, so not
+         * with an engine bound to 0.0.0.0 */
+        int sndbuf = 4 << 20;
+        p->raw = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_RAW);
+        if (p->raw >= 0 && setsockopt(p->raw, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf) < 0)
+            setsockopt(p->raw, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    }
     p->ports = calloc((size_t)(port_hi - port_lo + 1), sizeof *p->ports);
     /* protocol 0: nothing arrives until the ring and the filter are in place and bind() names IPv4 */
     p->fd = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,6 +74,8 @@ struct rc_uring {
     uint32_t *gens, *free_ids;
     uint32_t nsocks, cap, nfree;
     uint64_t recv_rearms;
+    uint32_t nfixed;                   /* registered-file slots (0: none): the socket table's first ones */
+    int send_to;                       /* IORING_OP_SEND with an address works (else SENDMSG) */
     unsigned relays;                   /* sends queued in the current iteration */
     int64_t relayed_at;                /* the last iteration that queued any */
 };
@@ -171,6 +174,16 @@ static void cancel(struct rc_uring *u, uint64_t target)
     sqe->user_data = ud(UD_OTHER, 0, 0);
 }
 
+/* puts fd (or -1: empty) into registered-file slot idx */
+static int set_fixed(struct rc_uring *u, uint32_t idx, int fd)
+{
+    struct io_uring_files_update up;
+    memset(&up, 0, sizeof up);
+    up.offset = idx;
+    up.fds = (uint64_t)(uintptr_t)&fd;
+    return syscall(__NR_io_uring_register, u->fd, IORING_REGISTER_FILES_UPDATE, &up, 1) == 1 ? 0 : -1;
+}
+
 /* ---- sockets ------------------------------------------------------------------------------- */
 
 int rc_uring_add_sock(rc_thread_t *t, rc_sock_t *k)
@@ -203,6 +216,7 @@ int rc_uring_add_sock(rc_thread_t *t, rc_sock_t *k)
     u->socks[idx] = k;
     u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
     k->slot = idx;
+    k->fixed = idx < u->nfixed && set_fixed(u, idx, k->fd) == 0;
     if (t->pk)
         return 0;                      /* the packet ring receives for it */
     return arm_recv_fd(u, k->fd, ud(UD_RECV, u->gens[idx], idx));
@@ -216,6 +230,10 @@ void rc_uring_del_sock(rc_thread_t *t, rc_sock_t *k)
         return;
     if (!t->pk)
         cancel(u, ud(UD_RECV, u->gens[idx], idx));
+    if (k->fixed) {
+        set_fixed(u, idx, -1);         /* the slot's reference would keep the socket open */
+        k->fixed = 0;
+    }
     u->socks[idx] = NULL;
     u->gens[idx] = (u->gens[idx] + 1) & 0xffffffu;
     u->free_ids[u->nfree++] = idx;
@@ -233,7 +251,7 @@ static rc_sock_t *lookup(struct rc_uring *u, uint64_t user_data)
 
 /* sends payload (which stays valid until the completion of send slot bid) from k's peer socket */
 static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *payload, size_t len,
-                      const struct sockaddr_in *to)
+                      const struct sockaddr_in *to, int raw_fd)
 {
     rc_leg_io_t *peer = &k->s->io[1 - k->leg];
     rc_sock_t *pk = k->rtcp ? &peer->rtcp : &peer->rtp;
@@ -242,19 +260,35 @@ static int queue_send(struct rc_uring *u, rc_sock_t *k, unsigned bid, uint8_t *p
     if (pk->fd < 0 || !(sqe = get_sqe(u)))
         return 0;
     m->to = *to;
-    m->iov.iov_base = payload;
-    m->iov.iov_len = len;
-    memset(&m->mh, 0, sizeof m->mh);
-    m->mh.msg_name = &m->to;
-    m->mh.msg_namelen = sizeof m->to;
-    m->mh.msg_iov = &m->iov;
-    m->mh.msg_iovlen = 1;
     m->sock = pk->slot;
     m->gen = u->gens[pk->slot];
-    sqe->opcode = IORING_OP_SENDMSG;
-    sqe->fd = pk->fd;
-    sqe->addr = (uint64_t)(uintptr_t)&m->mh;
-    sqe->len = 1;
+    if (u->send_to) {
+        /* a send with an address: no message header to copy in */
+        sqe->opcode = IORING_OP_SEND;
+        sqe->addr = (uint64_t)(uintptr_t)payload;
+        sqe->len = (uint32_t)len;
+        sqe->addr2 = (uint64_t)(uintptr_t)&m->to;
+        sqe->addr_len = (uint16_t)sizeof m->to;
+    } else {
+        m->iov.iov_base = payload;
+        m->iov.iov_len = len;
+        memset(&m->mh, 0, sizeof m->mh);
+        m->mh.msg_name = &m->to;
+        m->mh.msg_namelen = sizeof m->to;
+        m->mh.msg_iov = &m->iov;
+        m->mh.msg_iovlen = 1;
+        sqe->opcode = IORING_OP_SENDMSG;
+        sqe->addr = (uint64_t)(uintptr_t)&m->mh;
+        sqe->len = 1;
+    }
+    if (raw_fd >= 0) {
+        sqe->fd = raw_fd;              /* payload is a whole IP datagram from pk's port */
+    } else if (pk->fixed) {
+        sqe->fd = (int32_t)pk->slot;
+        sqe->flags = IOSQE_FIXED_FILE;
+    } else {
+        sqe->fd = pk->fd;
+    }
     sqe->msg_flags = MSG_DONTWAIT;
     sqe->user_data = ud(UD_SEND, 0, bid);
     u->relays++;
@@ -279,12 +313,17 @@ static int datagram(rc_thread_t *t, rc_sock_t *k, int bid, uint8_t *payload, siz
         return 0;
     if (relay) {
         if (bid >= 0) {
-            held = queue_send(u, k, (unsigned)bid, payload, len, to);
-        } else if (u->ncfree && len <= UR_BUFSZ) {
+            held = queue_send(u, k, (unsigned)bid, payload, len, to, -1);
+        } else if (u->ncfree && len + 28 <= UR_BUFSZ) {
             uint32_t c = u->cfree[--u->ncfree];
             uint8_t *copy = u->cbufs + (size_t)c * UR_BUFSZ;
-            memcpy(copy, payload, len);
-            if (!queue_send(u, k, UR_NBUF + c, copy, len, to))
+            int raw = rc_pkt_raw_fd(t);
+            size_t n = len;
+            if (raw >= 0)
+                n = rc_pkt_build(t, copy, payload, len, s->io[1 - L].port + k->rtcp, to);
+            else
+                memcpy(copy, payload, len);
+            if (!queue_send(u, k, UR_NBUF + c, copy, n, to, raw))
                 u->cfree[u->ncfree++] = c;
         } else {
             s->io[1 - L].send_errors++; /* more relays in flight than copies: dropped */
@@ -479,6 +518,45 @@ void rc_uring_free(rc_thread_t *t)
     t->ur = NULL;
 }
 
+/* 1 if IORING_OP_SEND takes a destination address here (Linux 6.10+): a datagram from fd to a
+ * itself, received by the probe's multishot receive */
+static int probe_send_to(struct rc_uring *u, int fd, const struct sockaddr_in *a)
+{
+    static const char msg[] = "probe-send";
+    struct io_uring_sqe *sqe = get_sqe(u);
+    int sent = 0, got = 0;
+    if (!sqe)
+        return 0;
+    sqe->opcode = IORING_OP_SEND;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)msg;
+    sqe->len = sizeof msg - 1;
+    sqe->addr2 = (uint64_t)(uintptr_t)a;
+    sqe->addr_len = (uint16_t)sizeof *a;
+    sqe->msg_flags = MSG_DONTWAIT;
+    sqe->user_data = ud(UD_OTHER, 0, 1);
+    for (int round = 0; round < 20 && !(sent && got) && sent >= 0; round++) {
+        unsigned head, tail;
+        ur_submit(u, 1, 10000000);
+        head = *u->cq_head;
+        tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+        for (; head != tail; head++) {
+            const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+            if (cqe->user_data == ud(UD_OTHER, 0, 1))
+                sent = cqe->res == (int)(sizeof msg - 1) ? 1 : -1;
+            if (cqe->flags & IORING_CQE_F_BUFFER) {
+                unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+                const struct io_uring_recvmsg_out *o = (const void *)(u->bufs + (size_t)bid * UR_BUFSZ);
+                if ((cqe->user_data >> 56) == UD_PROBE && cqe->res > 0 && o->payloadlen == sizeof msg - 1)
+                    got = 1;
+                put_buf(u, bid);
+            }
+        }
+        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    }
+    return sent > 0 && got;
+}
+
 /* a datagram to ourselves through a multishot receive: proves the features we rely on */
 static int self_test(rc_thread_t *t)
 {
@@ -524,6 +602,8 @@ static int self_test(rc_thread_t *t)
         }
         __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
     }
+    if (ok)
+        u->send_to = probe_send_to(u, fd, &a);
     cancel(u, ud(UD_PROBE, 0, 0));
     ur_submit(u, 0, 0);
     close(fd);
@@ -610,6 +690,20 @@ int rc_uring_init(rc_thread_t *t)
     }
     for (unsigned i = 0; i < UR_NBUF; i++)
         put_buf(u, i);
+    {
+        /* a sparse table of registered files, as large as the descriptor limit allows (the
+         * kernel's bound): a send through a slot skips looking the descriptor up; sockets beyond
+         * it, or a kernel without the table, send by descriptor */
+        struct rlimit rl;
+        struct io_uring_rsrc_register rr;
+        memset(&rr, 0, sizeof rr);
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+            rr.nr = rl.rlim_cur > 65536 ? 65536 : (uint32_t)rl.rlim_cur;
+            rr.flags = IORING_RSRC_REGISTER_SPARSE;
+            if (syscall(__NR_io_uring_register, u->fd, IORING_REGISTER_FILES2, &rr, sizeof rr) == 0)
+                u->nfixed = rr.nr;
+        }
+    }
     memset(&u->recv_mh, 0, sizeof u->recv_mh);
     u->recv_mh.msg_namelen = sizeof(struct sockaddr_in);
     if (self_test(t) < 0)

@@ -82,7 +82,7 @@ def test_the_ring_refuses_what_the_udp_layer_would(tmp_path: Path) -> None:
     with rtp_core.Engine(bind_ip="127.0.0.1", port_min=31000, port_max=31999, io="packet") as e, peer, raw:
         assert e.io == "packet"
         sid = e.open_session(output_path=str(tmp_path / "r.wav"))
-        pa, _pb = e.add_leg(sid, 0), e.add_leg(sid, 1)
+        pa, pb = e.add_leg(sid, 0), e.add_leg(sid, 1)
         e.set_remote(sid, 1, *peer.getsockname())
         pkts = [d for _, d in stream(440, 6)]
         rejected0 = e.loop_stats()[0]["ring_rejected"]
@@ -97,14 +97,17 @@ def test_the_ring_refuses_what_the_udp_layer_would(tmp_path: Path) -> None:
             raw.sendto(d, ("127.0.0.1", 0))
             time.sleep(0.01)
         time.sleep(0.1)
-        got = []
+        got, sources = [], set()
         while True:
             try:
-                got.append(peer.recv(2048))
+                d, src = peer.recvfrom(2048)
             except BlockingIOError:
                 break
+            got.append(d)
+            sources.add(src)
         stats = e.close_session(sid)
         assert got == pkts[:2]
+        assert sources == {("127.0.0.1", pb)}  # symmetric RTP: relayed from the port the peer sends to
         assert stats["legs"][0]["packets"] == 2
         assert e.loop_stats()[0]["ring_rejected"] - rejected0 == 1
         assert stats["legs"][0]["remote"] == ("127.0.0.1", 40000)  # latched to the source the ring saw
@@ -139,3 +142,29 @@ def test_packet_socket_filter_program_is_not_fooled_by_ports_outside_the_range(t
         stats = e.close_session(sid)
         assert stats["legs"][0]["packets"] == 1
         assert sum(x["datagrams"] for x in e.loop_stats()) == 1
+
+
+@pytest.mark.parametrize("bind_ip", ["127.0.0.1", "0.0.0.0"])
+def test_relays_leave_from_the_legs_port(bind_ip: str) -> None:
+    """Relayed packets come from the port the far end sends to, whether the packet ring's raw
+    socket writes them (an engine with an address) or the leg's own socket sends them (0.0.0.0).
+    On a machine without the packet ring, the same holds for the receive path it runs."""
+    a, b = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    with a, b, rtp_core.Engine(bind_ip=bind_ip, port_min=31000, port_max=31999) as e:
+        for s in (a, b):
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(2)
+        sid = e.open_session(output_path=None)
+        pa, pb = e.add_leg(sid, 0), e.add_leg(sid, 1)
+        e.set_remote(sid, 0, *a.getsockname())
+        e.set_remote(sid, 1, *b.getsockname())
+        pkts = [d for _, d in stream(440, 3)]
+        for d in pkts:
+            a.sendto(d, ("127.0.0.1", pa))
+        got = [b.recvfrom(2048) for _ in pkts]
+        b.sendto(pkts[0], ("127.0.0.1", pb))
+        back = a.recvfrom(2048)
+        e.close_session(sid)
+    assert [d for d, _ in got] == pkts
+    assert {src for _, src in got} == {("127.0.0.1", pb)}
+    assert back == (pkts[0], ("127.0.0.1", pa))
