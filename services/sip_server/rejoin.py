@@ -60,6 +60,7 @@ class RejoinMixin(BridgeMixin):
         # The next part's bridge is opened while the phones are re-joined (it needs only A's
         # media, which the re-join does not change): the recording gap shrinks by that much.
         part = asyncio.ensure_future(self._open_part(call)) if rerecord else None
+        moved = False  # a failed re-join (it raised) has not taken the part over either
         try:
             moved = await self._rejoin_parties(call, part)
         finally:
