@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,7 +133,7 @@ def build_loadgen(workdir: Path) -> Path:
     return exe
 
 
-def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, workdir: Path) -> dict:
+def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, workdir: Path, io: str) -> dict:
     ports = workdir / "ports.txt"
     out_dir = Path(args.out_dir) / f"rtpbench-{os.getpid()}" if args.out_dir != "none" else None
     if out_dir:
@@ -158,7 +159,7 @@ def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, wo
             "--reorder-ms",
             str(args.reorder_ms),
             "--io",
-            args.io,
+            io,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -299,10 +300,11 @@ def main() -> None:
     p.add_argument("--reorder-ms", type=int, default=100)
     p.add_argument(
         "--io",
-        choices=["auto", "packet", "io_uring", "epoll"],
         default="auto",
-        help="the engine's receive path",
+        help="the engine's receive path: auto, packet, io_uring or epoll; several, comma-separated, "
+        "are run interleaved (each round runs each once) and compared by their medians",
     )
+    p.add_argument("--rounds", type=int, default=1, help="runs of each receive path per load")
     p.add_argument(
         "--out-dir", default="/dev/shm", help="where WAVs go (tmpfs by default); 'none' = relay only"
     )
@@ -313,6 +315,11 @@ def main() -> None:
     )
     p.add_argument("--json", help="append results (JSON lines) to this file")
     args = p.parse_args()
+    ios = args.io.split(",")
+    if any(io not in ("auto", "packet", "io_uring", "epoll") for io in ios) or args.rounds < 1:
+        p.error("--io takes auto, packet, io_uring, epoll (comma-separated); --rounds >= 1")
+    if args.find_max and (len(ios) > 1 or args.rounds > 1):
+        p.error("--find-max runs one receive path once per load")
     modes = ["bridge", "record"] if args.mode == "both" else [args.mode]
     print(f"machine: {machine()}")
     results = []
@@ -323,8 +330,9 @@ def main() -> None:
             if args.find_max:
                 loads = list(range(1000, 10001, 500))
             last_ok = None
-            for calls in loads:
-                r = run_point(args, calls, mode, loadgen, Path(tmp))
+            for calls, io in ((c, io) for c in loads for _ in range(args.rounds) for io in ios):
+                r = run_point(args, calls, mode, loadgen, Path(tmp), io)
+                r["io_requested"] = io
                 results.append(r)
                 print(json.dumps(r), flush=True)
                 if args.json:
@@ -346,14 +354,40 @@ def main() -> None:
                         flush=True,
                     )
                     break
+    if len(ios) > 1 or args.rounds > 1:
+        compare(results, ios)
     for mode in modes:
-        rs = [r for r in results if r["mode"] == mode]
+        # the headline: the first receive path at the largest load, median of its runs
+        rs = [r for r in results if r["mode"] == mode and r["io_requested"] == ios[0]]
         if not rs:
             continue
-        best = max(rs, key=lambda r: r["calls"])
+        top = max(r["calls"] for r in rs)
+        us = statistics.median(r["us_per_packet"] for r in rs if r["calls"] == top)
         name = "bridged_recorded" if mode == "bridge" else "record_only"
-        print(f"{name}_us_per_packet: {best['us_per_packet']}")
-        print(f"{name}_calls_per_core: {best['calls_per_core']}")
+        print(f"{name}_us_per_packet: {round(us, 3)}")
+        print(f"{name}_calls_per_core: {int(1e6 / (us * 100))}")
+
+
+def compare(results: list[dict], ios: list[str]) -> None:
+    """Median CPU per packet of each receive path per load, its runs, and its ratio to the first."""
+    for mode, calls in sorted({(r["mode"], r["calls"]) for r in results}):
+        base = None
+        for io in ios:
+            runs = [
+                r["us_per_packet"]
+                for r in results
+                if (r["mode"], r["calls"], r["io_requested"]) == (mode, calls, io)
+            ]
+            if not runs:
+                continue
+            med = statistics.median(runs)
+            base = base or med
+            print(
+                f"compare {mode} {calls} calls, {io}: median {med:.2f} us per packet "
+                f"(runs {', '.join(f'{x:.2f}' for x in runs)}), {med / base:.2f}x {ios[0]}, "
+                f"{int(1e6 / (med * 100))} calls per core",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
