@@ -8,6 +8,8 @@
     callvault crypto-server       --config FILE [--set crypto_server.port=8091]
     callvault lab [--var DIR] [--fresh]       # everything on loopback, in the foreground
     callvault check-config --config FILE
+    callvault rewrap --config FILE --tenant T [--add-cert PEM_OR_KEY_ID ...] [--profile]
+                     [--drop-key KEY_ID ...] [--since DATE] [--dry-run]   # after a key rotation
 
 Each daemon runs under uvloop. SIGINT or SIGTERM cancels it, which makes it shut down gracefully
 (stop accepting, finish or flush what is in flight); a second signal forces the exit.
@@ -134,6 +136,18 @@ def _run_lab(args: argparse.Namespace) -> int:
     return lab.main(var_dir=args.var, fresh=args.fresh)
 
 
+def _run_rewrap(args: argparse.Namespace) -> int:
+    from services import rewrap
+
+    _setup_logging(args.log_level, "rewrap")
+    try:
+        args.overrides = _parse_sets(args.set)
+    except config_mod.ConfigError as exc:
+        print(f"callvault: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return rewrap.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callvault", description="SIP call-recording stack")
     parser.add_argument("--log-level", default=os.environ.get("CALLVAULT_LOG_LEVEL", "info"))
@@ -155,6 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.set_defaults(func=_check_config)
+    p = sub.add_parser(
+        "rewrap",
+        help="re-wrap a tenant's encrypted recordings for new certificates / drop retired keys",
+        description="Wrap each encrypted recording's data key for the added certificates and/or remove the "
+        "wrapped keys of retired key ids, without re-encrypting the audio (docs/CRYPTO.md). Exit status: "
+        "0 every recording done, 1 some failed (listed), 2 bad input.",
+    )
+    p.add_argument("--config", required=True, help="cluster configuration file (TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--tenant", required=True, help="the tenant whose recordings are re-wrapped")
+    p.add_argument(
+        "--add-cert",
+        action="append",
+        default=[],
+        metavar="PEM_OR_KEY_ID",
+        help="wrap for this certificate: a PEM file, or a key id of the tenant's profile or keystore",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="wrap for every certificate of the tenant's profile"
+    )
+    p.add_argument(
+        "--drop-key",
+        action="append",
+        default=[],
+        metavar="KEY_ID",
+        help="remove this key id's wrapped key (refused where no other held key would remain)",
+    )
+    p.add_argument("--since", help="only recordings that started at or after this date / ISO timestamp")
+    p.add_argument("--dry-run", action="store_true", help="read headers and report; change nothing")
+    p.add_argument("--work-dir", help="temporary space for S3 objects being rewritten (default: TMPDIR)")
+    p.add_argument("--json", action="store_true", help="also print the counts and failures as JSON")
+    p.set_defaults(func=_run_rewrap)
     return parser
 
 

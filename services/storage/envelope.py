@@ -406,3 +406,65 @@ def encrypt_file(
         "plaintext_size": plaintext_size,
         "plaintext_sha256": digest.hexdigest(),
     }
+
+
+# --- re-wrapping (key rotation) -------------------------------------------------------------------
+
+
+def encode_header(header: Header, wrapped_keys: dict[str, bytes]) -> bytes:
+    """The bytes of ``header`` with its key table replaced by ``wrapped_keys`` (key id hex -> wrapped).
+
+    The fixed 32 bytes are kept as they are, so every chunk still authenticates: only the key
+    table, which is outside the associated data, changes. Raises EnvelopeError for an empty or
+    oversized table or a malformed key id.
+    """
+    if not 1 <= len(wrapped_keys) <= MAX_KEYS:
+        raise EnvelopeError(f"a key table holds 1 to {MAX_KEYS} wrapped keys, not {len(wrapped_keys)}")
+    table: list[tuple[bytes, bytes]] = []
+    for kid, wrapped in wrapped_keys.items():
+        try:
+            raw = bytes.fromhex(kid)
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise EnvelopeError(f"key id {kid!r} is not 64 hex digits")
+        if not 1 <= len(wrapped) <= 1024:
+            raise EnvelopeError(f"the wrapped key of {kid} has {len(wrapped)} bytes (1 to 1024 allowed)")
+        table.append((raw, wrapped))
+    body = b"".join(kid + struct.pack(">H", len(w)) + w for kid, w in table)
+    return header.fixed + _TABLE_HEAD.pack(len(body) + 2, len(table)) + body
+
+
+def rewrapped_keys(
+    header: Header,
+    data_key: bytes,
+    certificates: list[x509.Certificate],
+    drop: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, bytes]:
+    """The key table ``header`` should have: its wrapped keys minus the key ids in ``drop``, plus
+    ``data_key`` wrapped for each certificate whose key id is not in the table yet.
+
+    Pure and idempotent: a table that already holds every certificate and none of ``drop`` comes
+    back unchanged (existing wrapped keys are kept byte for byte; RSA-OAEP is randomised, so
+    wrapping again would change them for nothing). The caller must have checked that ``data_key``
+    is the recording's (it opens a chunk). Raises EnvelopeError when nothing would remain to open
+    the recording with, or when the table would exceed MAX_KEYS.
+    """
+    if len(data_key) != KEY_SIZE:
+        raise EnvelopeError(f"the data key has {len(data_key)} bytes, not {KEY_SIZE}")
+    keys = {kid: w for kid, w in header.wrapped_keys.items() if kid not in drop}
+    for cert in certificates:
+        kid = key_id(cert)
+        if kid in drop:
+            raise EnvelopeError(f"key {kid} is both added and dropped")
+        if kid not in keys:
+            keys[kid] = wrap_key(data_key, cert)
+    if not keys:
+        raise EnvelopeError(
+            "dropping "
+            + ", ".join(sorted(header.wrapped_keys))
+            + " would leave no key that opens the recording"
+        )
+    if len(keys) > MAX_KEYS:
+        raise EnvelopeError(f"the key table would hold {len(keys)} wrapped keys, at most {MAX_KEYS} allowed")
+    return keys
