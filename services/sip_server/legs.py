@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -198,9 +199,10 @@ class B2BUABase:
     async def _rm_working(
         self, final: asyncio.Future[Response], rm: tuple[str, int], deadline: float
     ) -> bool:
-        """An RM took a bridge INVITE (100 Trying) and has no final answer yet (it may be trying
-        MCPs): wait for the answer, and every RM_ANSWER_TIMEOUT ask the RM itself (OPTIONS) whether
-        it still lives. False when the final answer has not come and the RM does not answer."""
+        """An RM took an INVITE (100 Trying: a bridge, or a re-INVITE on one) and has no final
+        answer yet (it may be trying MCPs): wait for the answer, and every RM_ANSWER_TIMEOUT ask
+        the RM itself (OPTIONS) whether it still lives. False when the final answer has not come
+        and the RM does not answer."""
         if final.done():
             return True
         while time.monotonic() < deadline:
@@ -254,7 +256,15 @@ class B2BUABase:
         """An in-dialog request on the recording leg with several RMs: it follows the dialog's
         route (the RM that Record-Routed it); when that RM does not answer within
         RM_ANSWER_TIMEOUT (or the request cannot be sent), the route is moved to another RM and the
-        request sent again there (any RM routes in-dialog requests: docs/HA.md)."""
+        request sent again there (any RM routes in-dialog requests: docs/HA.md).
+
+        An RM that took a re-INVITE (100 Trying) and then died took the final answer with it: the
+        MCP's 2xx goes back through the RM that forwarded the re-INVITE (RFC 3261 16.7), and an
+        INVITE client transaction past 100 Trying has no timer of its own (17.1.1.2: Timer B only
+        runs in Calling). So while the final answer is due, the RM is asked every
+        RM_ANSWER_TIMEOUT whether it lives (OPTIONS, as for a bridge INVITE); once it does not,
+        the request takes another RM, after an ACK for the answer the MCP may have sent: an MCP
+        that answered 2xx refuses another re-INVITE (491) until that 2xx is ACKed."""
         assert leg.dialog is not None
         host, port, _ = leg.destination()
         if self._rm_failed_until.get((host, port), 0.0) > time.monotonic() and self._reroute(
@@ -271,14 +281,35 @@ class B2BUABase:
                 {final, heard_task}, timeout=RM_ANSWER_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
             heard_task.cancel()
-            silent = not final.done() and not heard.is_set()
-            if not silent and not (final.done() and _transport_failure(final.result())):
-                return await final
-            if silent:
+            taken = False
+            if final.done():
+                if not _transport_failure(final.result()):
+                    return final.result()
+            elif heard.is_set():
+                if await self._rm_working(final, (host, port), math.inf):
+                    return await final
+                taken = True
+                if req.method == "INVITE":
+                    client.cancel()  # ends our transaction once the CANCEL goes unanswered (9.1)
+                final.add_done_callback(lambda f: f.cancelled() or f.exception())
+            else:
                 final.add_done_callback(lambda f: f.cancelled() or f.exception())
             if not self._reroute(leg, (host, port)):
                 return await final
             _set_routes(req, leg.dialog.route_set)
+            if taken and req.method == "INVITE":
+                # The 2xx may have been lost with the RM: ACK it through the new route (an ACK the
+                # MCP cannot match is dropped), so that the re-INVITE sent again is not refused.
+                log.warning(
+                    "recording dialog %s: RM %s:%d died with re-INVITE %d; ACKed through the new "
+                    "route in case its answer was lost, and sent again",
+                    leg.dialog.call_id,
+                    host,
+                    port,
+                    req.cseq.seq,
+                )
+                hop = leg.destination()
+                self.ep.send_ack(leg.dialog.create_ack(req), hop[:2], hop[2])
         return await final
 
     def _reroute(self, leg: Leg, dead: tuple[str, int]) -> bool:
