@@ -357,6 +357,8 @@ class StorageConfig:
     s3_secret_key: str = ""
     #: Files up to this size go in one PUT; larger ones as multipart uploads of parts this size.
     s3_part_size: int = 8 * 1024 * 1024
+    #: Parts of one multipart upload in flight at once (each holds a part in memory while it is sent).
+    s3_part_concurrency: int = 4
     #: Attempts per S3 request (exponential backoff between them) before the upload as a whole fails.
     s3_max_attempts: int = 5
     s3_timeout: float = 30.0
@@ -367,6 +369,8 @@ class StorageConfig:
     def validate(self, where: str) -> None:
         if not 5 * 1024 * 1024 <= self.s3_part_size <= 5 * 1024**3:
             raise ConfigError(f"{where}.s3_part_size must be between 5 MiB and 5 GiB (S3's part limits)")
+        if not 1 <= self.s3_part_concurrency <= 16:
+            raise ConfigError(f"{where}.s3_part_concurrency must be within 1-16")
         if self.s3_max_attempts < 1:
             raise ConfigError(f"{where}.s3_max_attempts must be at least 1")
         if self.s3_timeout <= 0:

@@ -7,7 +7,10 @@ SeaweedFS, MinIO and Ceph work without DNS tricks.
 Upload (:meth:`S3Writer.store`):
 
 - a file up to ``part_size`` goes in one ``PutObject``; a larger one as a multipart upload of
-  ``part_size`` parts, uploaded one after the other;
+  ``part_size`` parts, up to ``part_concurrency`` of them in flight at once: the parts are read (and
+  the whole object hashed) in order in a worker thread, so at most ``part_concurrency`` parts are held
+  in memory; the first part that fails for good cancels the others before the upload is aborted or
+  left to be resumed, and the upload is completed with its parts in order;
 - every request body carries ``Content-MD5`` and ``x-amz-checksum-sha256``, so the store rejects a
   body damaged on the way (``BadDigest``, retried); the ETag it answers must be the MD5 we sent;
 - the SHA-256 of the whole object is stored as user metadata ``x-amz-meta-sha256`` and checked by a
@@ -88,6 +91,7 @@ class S3Settings:
     access_key: str = ""
     secret_key: str = ""
     part_size: int = 8 * 1024 * 1024
+    part_concurrency: int = 4
     max_attempts: int = 5
     timeout: float = 30.0
 
@@ -100,6 +104,7 @@ class S3Settings:
             access_key=storage.s3_access_key,
             secret_key=storage.s3_secret_key,
             part_size=storage.s3_part_size,
+            part_concurrency=storage.s3_part_concurrency,
             max_attempts=storage.s3_max_attempts,
             timeout=storage.s3_timeout,
         )
@@ -363,24 +368,9 @@ class S3Writer:
                 _write_journal, journal,
                 {"key": key, "upload_id": upload_id, "size": size, "sha256": sha, "part_size": part_size},
             )  # fmt: skip
-        parts: list[dict[str, Any]] = []
-        whole = hashlib.sha256()
         try:
-            for number, offset in enumerate(range(0, size, part_size), start=1):
-                length = min(part_size, size - offset)
-                data, md5_b64, md5_hex, part_sha = await asyncio.to_thread(_read_part, src, offset, length)
-                await asyncio.to_thread(whole.update, data)
-                if done.get(number) == (md5_hex, length):
-                    etag = f'"{md5_hex}"'
-                else:
-                    r = await self.client.call(
-                        "upload_part", f"{key} part {number}", Key=key, UploadId=upload_id,
-                        PartNumber=number, Body=data, ContentMD5=md5_b64, ChecksumSHA256=_b64(part_sha),
-                    )  # fmt: skip
-                    _check_etag(r, md5_hex, f"{key} part {number}")
-                    etag = str(r["ETag"])
-                parts.append({"PartNumber": number, "ETag": etag, "ChecksumSHA256": _b64(part_sha)})
-            if whole.hexdigest() != sha:
+            parts, read_sha = await self._send_parts(src, key, upload_id, size, part_size, done)
+            if read_sha != sha:
                 raise S3IntegrityError(f"{src} changed while it was being uploaded")
             await self.client.call(
                 "complete_multipart_upload", key, Key=key, UploadId=upload_id,
@@ -394,6 +384,51 @@ class S3Writer:
                 await asyncio.to_thread(_remove, journal)
             raise
         await asyncio.to_thread(_remove, journal)
+
+    async def _send_parts(
+        self, src: Path, key: str, upload_id: str, size: int, part_size: int,
+        done: dict[int, tuple[str, int]],
+    ) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+        """Upload the parts of ``src`` that are not in ``done`` (number -> stored MD5 and size), up to
+        ``part_concurrency`` at once; return the part list for CompleteMultipartUpload (in part
+        order) and the SHA-256 of the file as it was read."""
+        etags: dict[int, str] = {}
+        checksums: dict[int, str] = {}
+        whole = hashlib.sha256()
+        uploads: set[asyncio.Task[None]] = set()
+        window = max(1, self.settings.part_concurrency)
+        try:
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                # Room for one more part first, then read it: at most `window` parts in memory.
+                await _collect(uploads, window - 1)
+                length = min(part_size, size - offset)
+                data, md5_b64, md5_hex, part_sha = await asyncio.to_thread(_read_part, src, offset, length)
+                await asyncio.to_thread(whole.update, data)
+                checksums[number] = _b64(part_sha)
+                if done.get(number) == (md5_hex, length):
+                    etags[number] = f'"{md5_hex}"'
+                else:
+                    send = self._upload_part(key, upload_id, number, data, md5_b64, md5_hex, part_sha, etags)
+                    uploads.add(asyncio.create_task(send, name=f"s3 upload {key} part {number}"))
+                del data  # the task holds it while it is sent, and no longer
+            await _collect(uploads, 0)
+        finally:
+            await _cancel(uploads)  # after a failure: no part request outlives its upload
+        parts = [{"PartNumber": n, "ETag": etags[n], "ChecksumSHA256": checksums[n]} for n in sorted(etags)]
+        return parts, whole.hexdigest()
+
+    async def _upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes, md5_b64: str, md5_hex: str,
+        part_sha: bytes, etags: dict[int, str],
+    ) -> None:  # fmt: skip
+        """Send one part (retried by :meth:`S3Client.call`); its ETag goes into ``etags``."""
+        what = f"{key} part {number}"
+        r = await self.client.call(
+            "upload_part", what, Key=key, UploadId=upload_id, PartNumber=number, Body=data,
+            ContentMD5=md5_b64, ChecksumSHA256=_b64(part_sha),
+        )  # fmt: skip
+        _check_etag(r, md5_hex, what)
+        etags[number] = str(r["ETag"])
 
     async def _listed_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]]:
         out: dict[int, tuple[str, int]] = {}
@@ -418,6 +453,46 @@ class S3Writer:
                 f"S3 object {key} holds {got_size} bytes with SHA-256 {meta.get(META_SHA256)!r}; "
                 f"sent {size} bytes with SHA-256 {sha}"
             )
+
+
+async def _collect(uploads: set[asyncio.Task[None]], at_most: int) -> None:
+    """Take the part uploads that have ended out of ``uploads``, waiting until at most ``at_most``
+    are still running; the first failure among the ended ones is raised (every one is retrieved)."""
+    while True:
+        ended = [t for t in uploads if t.done()]
+        uploads.difference_update(ended)
+        failure: BaseException | None = None
+        for task in ended:
+            try:
+                task.result()
+            except BaseException as exc:  # a CancelledError too: the part was not sent
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        if len(uploads) <= at_most:
+            return
+        await asyncio.wait(uploads, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _cancel(uploads: set[asyncio.Task[None]]) -> None:
+    """Cancel the part uploads still running and wait until they have ended, even when the caller is
+    cancelled meanwhile (its cancellation is raised afterwards): an abort never races a part, and no
+    task is left behind with an exception nobody retrieved."""
+    for task in uploads:
+        task.cancel()
+    cancelled = False
+    while uploads:
+        try:
+            await asyncio.wait(uploads)
+        except asyncio.CancelledError:
+            cancelled = True
+            continue
+        for task in uploads:
+            if not task.cancelled():
+                task.exception()  # retrieved: the failure that stopped the upload is being raised
+        uploads.clear()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def is_retryable_error(exc: S3Error) -> bool:

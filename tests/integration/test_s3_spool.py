@@ -29,7 +29,7 @@ from services.mcp.xcv import BridgeRequest, CallInfo, encode_profile
 from services.storage import envelope
 from services.storage.disk import DiskWriter
 from services.storage.queue import EventQueue
-from services.storage.s3 import S3Client
+from services.storage.s3 import S3Client, journal_path
 from services.storage.writer import StorageTargets
 from tests.helpers.certs import make_cert
 from tests.helpers.seaweed import SeaweedS3
@@ -66,13 +66,14 @@ def write_wav(path: Path, seconds: float, *, broken_header: bool = False) -> byt
     return bytes(data)
 
 
-def make_server(root: Path, seaweed: SeaweedS3, certificates: list[str] | None = None) -> McpServer:
+def make_server(
+    root: Path, seaweed: SeaweedS3, certificates: list[str] | None = None, client: S3Client | None = None
+) -> McpServer:
     writer = StorageTargets(DiskWriter(root / "storage"), None)
     from services.storage.s3 import S3Writer
 
-    writer.s3 = S3Writer(
-        seaweed.settings(max_attempts=2), S3Client(seaweed.settings(max_attempts=2), backoff=0.05)
-    )
+    client = client or S3Client(seaweed.settings(max_attempts=2), backoff=0.05)
+    writer.s3 = S3Writer(client.settings, client)
     return McpServer(
         McpConfig(name="mcp1", spool_dir=str(root / "spool")), None, None,  # type: ignore[arg-type]
         spool=root / "spool", writer=writer, queue=EventQueue(root / "queue"),
@@ -138,6 +139,59 @@ async def test_recording_waits_while_s3_is_down_and_uploads_when_it_returns(
     assert hashlib.sha256(await fetch(seaweed, event["storage"]["key"])).hexdigest() == event["sha256"]
     assert list((tmp_path / "spool").iterdir()) == []
     await server.writer.close()
+
+
+class StopsS3MidUpload(S3Client):
+    """Stops the store when part 2 of a multipart upload is first sent (parts 1 and 3 in flight)."""
+
+    def __init__(self, seaweed: SeaweedS3) -> None:
+        super().__init__(seaweed.settings(max_attempts=2, part_size=5 * 1024 * 1024, part_concurrency=3),
+                         backoff=0.05)  # fmt: skip
+        self.seaweed = seaweed
+        self.stopping: asyncio.Future[None] | None = None
+        self.ops: list[str] = []
+
+    async def call(self, op: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        self.ops.append(op)
+        if op == "upload_part" and kwargs["PartNumber"] == 2 and self.stopping is None:
+            # (a future of its own: when the other parts fail first, this part is cancelled)
+            self.stopping = asyncio.ensure_future(asyncio.to_thread(self.seaweed.stop))
+            await asyncio.shield(self.stopping)
+        return await super().call(op, what, **kwargs)
+
+
+async def test_multipart_upload_cut_by_an_s3_outage_resumes_when_s3_returns(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    client = StopsS3MidUpload(seaweed)
+    server = make_server(tmp_path, seaweed, client=client)
+    s = session(tmp_path, hashlib.sha1(str(tmp_path).encode()).hexdigest()[:32])  # one per event loop
+    audio = write_wav(s.spool_path, 400.0)  # 12.8 MB: 3 parts of 5 MiB, sent concurrently
+    journal = journal_path(s.spool_path)
+    task = asyncio.create_task(server._store(s, STATS, OPENED + timedelta(seconds=400)))
+    try:
+        while client.stopping is None:
+            assert not task.done()
+            await asyncio.sleep(0.05)
+        await client.stopping
+        await asyncio.sleep(2.0)  # the upload fails, is retried by the spool, fails again
+        assert not task.done() and events(tmp_path) == []
+        assert journal.exists() and s.spool_path.exists()  # kept for the resume, not aborted
+        assert [t for t in asyncio.all_tasks() if t.get_name().startswith("s3 upload")] == []
+    finally:
+        if client.stopping is not None:
+            await client.stopping
+            seaweed.start()
+    try:
+        await asyncio.wait_for(task, 60)
+        (event,) = events(tmp_path)
+        assert event["sha256"] == hashlib.sha256(audio).hexdigest() == event["storage"]["sha256"]
+        assert await fetch(seaweed, event["storage"]["key"]) == audio
+        assert client.ops.count("create_multipart_upload") == 1 and "list_parts" in client.ops
+        assert "abort_multipart_upload" not in client.ops
+        assert list((tmp_path / "spool").iterdir()) == []
+    finally:
+        await server.writer.close()
 
 
 def _sidecar(spool: Path, rid: str, **extra: Any) -> None:

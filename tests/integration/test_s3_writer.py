@@ -1,9 +1,10 @@
 """The S3 writer against a real S3 endpoint (SeaweedFS ``weed mini``): round trips with SHA-256
-equality, multipart uploads, resuming after a crash, idempotent re-stores, unreachable storage and
-refused credentials."""
+equality, multipart uploads (parts sent concurrently), resuming after a crash (also around a gap left
+by concurrent parts), idempotent re-stores, unreachable storage and refused credentials."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import Iterator
@@ -123,6 +124,112 @@ async def test_interrupted_multipart_upload_resumes_with_the_missing_parts(
         assert stored.sha256 == sha
         uploaded = [n for op, n in again.calls if op == "upload_part"]
         assert uploaded == [2, 3]  # part 1 was already stored and matched the local bytes
+        assert "create_multipart_upload" not in [op for op, _ in again.calls]
+        assert hashlib.sha256(await _fetch(second.client, key, stored.size)).hexdigest() == sha
+        assert not journal_path(src).exists()
+    finally:
+        await second.close()
+
+
+class OverlapClient(S3Client):
+    """Counts the upload_part requests in flight; each part waits (10 s at most) until ``together``
+    of them are, so the upload only gets through if its parts really overlap."""
+
+    def __init__(self, settings: S3Settings, together: int) -> None:
+        super().__init__(settings)
+        self.together = together
+        self.in_flight = self.max_in_flight = 0
+        self.full = asyncio.Event()
+        self.sent: list[int] = []
+
+    async def call(self, op: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        if op != "upload_part":
+            return await super().call(op, what, **kwargs)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.in_flight >= self.together:
+                self.full.set()
+            await asyncio.wait_for(self.full.wait(), 10)
+            result = await super().call(op, what, **kwargs)
+        finally:
+            self.in_flight -= 1
+        self.sent.append(kwargs["PartNumber"])
+        return result
+
+
+async def test_parts_upload_concurrently_and_the_object_is_byte_identical(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.wav.part"
+    sha = _file(src, 23 * MIB + 123)  # 5 parts, the last one short
+    settings = seaweed.settings(part_size=5 * MIB, part_concurrency=3)
+    client = OverlapClient(settings, together=3)
+    writer = S3Writer(settings, client)
+    key = _key(tmp_path)
+    try:
+        stored = await writer.store(src, key)
+        assert stored.sha256 == sha and stored.size == 23 * MIB + 123
+        assert client.max_in_flight == 3 and sorted(client.sent) == [1, 2, 3, 4, 5]
+        assert hashlib.sha256(await _fetch(writer.client, key, stored.size)).hexdigest() == sha
+        assert not journal_path(src).exists() and not src.exists()
+    finally:
+        await writer.close()
+
+
+class GapClient(S3Client):
+    """Part ``fail`` waits until the parts ``first`` are stored, then fails as if the connection was
+    lost; the parts after those wait until they are cancelled. The store is left holding a multipart
+    upload with a gap (with ``fail=2, first=(1, 3)``: parts 1 and 3)."""
+
+    def __init__(self, settings: S3Settings, fail: int, first: tuple[int, ...]) -> None:
+        super().__init__(settings)
+        self.fail, self.first = fail, first
+        self.stored = asyncio.Event()
+        self.sent: list[int] = []
+        self.cancelled: list[int] = []
+
+    async def call(self, op: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        number = kwargs.get("PartNumber")
+        if op != "upload_part":
+            return await super().call(op, what, **kwargs)
+        if number == self.fail:
+            await asyncio.wait_for(self.stored.wait(), 10)
+            raise S3Error(f"connection lost during {what}")
+        try:
+            if number > max(self.first):
+                await asyncio.sleep(30)
+            result = await super().call(op, what, **kwargs)
+        except asyncio.CancelledError:
+            self.cancelled.append(number)
+            raise
+        self.sent.append(number)
+        if set(self.first) <= set(self.sent):
+            self.stored.set()
+        return result
+
+
+async def test_interrupted_concurrent_upload_resumes_around_the_gap(
+    seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.wav.part"
+    sha = _file(src, 23 * MIB)  # 5 parts
+    key = _key(tmp_path)
+    settings = seaweed.settings(part_size=5 * MIB, part_concurrency=3)
+    gap = GapClient(settings, fail=2, first=(1, 3))
+    first = S3Writer(settings, gap)
+    with pytest.raises(S3Error, match=r"connection lost during .* part 2"):
+        await first.store(src, key)
+    await first.close()
+    # Part 2 failed once 1 and 3 were stored; 4 and 5, if they were started meanwhile, were cancelled.
+    assert sorted(gap.sent) == [1, 3] and set(gap.cancelled) <= {4, 5}
+    assert journal_path(src).exists() and src.exists()
+    again = CrashingClient(settings, fail_from=99)
+    second = S3Writer(settings, again)
+    try:
+        stored = await second.store(src, key)
+        assert stored.sha256 == sha
+        assert sorted(n for op, n in again.calls if op == "upload_part") == [2, 4, 5]
         assert "create_multipart_upload" not in [op for op, _ in again.calls]
         assert hashlib.sha256(await _fetch(second.client, key, stored.size)).hexdigest() == sha
         assert not journal_path(src).exists()
