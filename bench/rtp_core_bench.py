@@ -167,7 +167,11 @@ def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, wo
     )
     try:
         assert eng.stdout and eng.stdin
-        ready = json.loads(eng.stdout.readline())
+        line = eng.stdout.readline()
+        if not line:  # the engine process could not set the load up (its traceback is on stderr)
+            eng.wait(timeout=30)
+            raise SetupError(f"the engine could not open {calls} sessions (exit {eng.returncode})")
+        ready = json.loads(line)
         relay = 1 if mode == "bridge" else 0
         gen = subprocess.Popen(
             [
@@ -262,6 +266,10 @@ def run_point(args: argparse.Namespace, calls: int, mode: str, loadgen: Path, wo
     }
 
 
+class SetupError(RuntimeError):
+    """A load the engine process could not set up (e.g. the descriptor limit: 5 per session)."""
+
+
 def relay_mode(mode: str) -> bool:
     return mode == "bridge"
 
@@ -331,7 +339,17 @@ def main() -> None:
                 loads = list(range(1000, 10001, 500))
             last_ok = None
             for calls, io in ((c, io) for c in loads for _ in range(args.rounds) for io in ios):
-                r = run_point(args, calls, mode, loadgen, Path(tmp), io)
+                try:
+                    r = run_point(args, calls, mode, loadgen, Path(tmp), io)
+                except SetupError as exc:
+                    if not args.find_max:
+                        raise
+                    print(
+                        f"find_max_{mode}: {last_ok['calls'] if last_ok else 0} calls or more "
+                        f"({calls}: {exc}; the machine, not the engine's CPU, was the limit)",
+                        flush=True,
+                    )
+                    break
                 r["io_requested"] = io
                 results.append(r)
                 print(json.dumps(r), flush=True)
