@@ -518,13 +518,46 @@ void rc_uring_free(rc_thread_t *t)
     t->ur = NULL;
 }
 
-/* 1 if IORING_OP_SEND takes a destination address here (Linux 6.10+): a datagram from fd to a
+/* ---- startup probes ------------------------------------------------------------------------ */
+
+/* what the probes learn from their completions */
+typedef struct {
+    int recv_ok, recv_err;             /* the probe's receive: a datagram came (and the receive goes on) */
+    size_t want_len;                   /* ... of this length */
+    int sent;                          /* the send with an address: 1 done, -1 refused, 0 not yet */
+} probe_t;
+
+/* one round of a probe: submits, waits up to 10 ms for a completion, notes what came */
+static void probe_round(struct rc_uring *u, probe_t *pr)
+{
+    unsigned head = *u->cq_head, tail;
+    ur_submit(u, 1, 10000000);
+    tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+    for (; head != tail; head++) {
+        const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+        if (cqe->user_data == ud(UD_OTHER, 0, 1))
+            pr->sent = cqe->res == (int)pr->want_len ? 1 : -1;
+        if ((cqe->user_data >> 56) == UD_PROBE && !(cqe->flags & IORING_CQE_F_BUFFER) && cqe->res < 0)
+            pr->recv_err = -cqe->res;
+        if (cqe->flags & IORING_CQE_F_BUFFER) {
+            unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+            const struct io_uring_recvmsg_out *o = (const void *)(u->bufs + (size_t)bid * UR_BUFSZ);
+            if ((cqe->user_data >> 56) == UD_PROBE && cqe->res > 0 && o->payloadlen == pr->want_len &&
+                (cqe->flags & IORING_CQE_F_MORE))
+                pr->recv_ok = 1;
+            put_buf(u, bid);
+        }
+    }
+    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+}
+
+/* 1 if IORING_OP_SEND takes a destination address here (Linux 6.10+): a datagram from fd to
  * itself, received by the probe's multishot receive */
 static int probe_send_to(struct rc_uring *u, int fd, const struct sockaddr_in *a)
 {
     static const char msg[] = "probe-send";
     struct io_uring_sqe *sqe = get_sqe(u);
-    int sent = 0, got = 0;
+    probe_t pr = {0, 0, sizeof msg - 1, 0};
     if (!sqe)
         return 0;
     sqe->opcode = IORING_OP_SEND;
@@ -535,26 +568,9 @@ static int probe_send_to(struct rc_uring *u, int fd, const struct sockaddr_in *a
     sqe->addr_len = (uint16_t)sizeof *a;
     sqe->msg_flags = MSG_DONTWAIT;
     sqe->user_data = ud(UD_OTHER, 0, 1);
-    for (int round = 0; round < 20 && !(sent && got) && sent >= 0; round++) {
-        unsigned head, tail;
-        ur_submit(u, 1, 10000000);
-        head = *u->cq_head;
-        tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
-        for (; head != tail; head++) {
-            const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
-            if (cqe->user_data == ud(UD_OTHER, 0, 1))
-                sent = cqe->res == (int)(sizeof msg - 1) ? 1 : -1;
-            if (cqe->flags & IORING_CQE_F_BUFFER) {
-                unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
-                const struct io_uring_recvmsg_out *o = (const void *)(u->bufs + (size_t)bid * UR_BUFSZ);
-                if ((cqe->user_data >> 56) == UD_PROBE && cqe->res > 0 && o->payloadlen == sizeof msg - 1)
-                    got = 1;
-                put_buf(u, bid);
-            }
-        }
-        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
-    }
-    return sent > 0 && got;
+    for (int round = 0; round < 20 && !(pr.sent && pr.recv_ok) && pr.sent >= 0; round++)
+        probe_round(u, &pr);
+    return pr.sent > 0 && pr.recv_ok;
 }
 
 /* a datagram to ourselves through a multishot receive: proves the features we rely on */
@@ -563,7 +579,8 @@ static int self_test(rc_thread_t *t)
     struct rc_uring *u = t->ur;
     struct sockaddr_in a;
     socklen_t alen = sizeof a;
-    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), ok = 0;
+    probe_t pr = {0, 0, 5, 0};
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
     memset(&a, 0, sizeof a);
@@ -579,37 +596,18 @@ static int self_test(rc_thread_t *t)
         close(fd);
         return -1;
     }
-    for (int round = 0; round < 20 && !ok; round++) {
-        unsigned head, tail;
-        ur_submit(u, 1, 10000000);
-        head = *u->cq_head;
-        tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
-        for (; head != tail; head++) {
-            const struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
-            if ((cqe->user_data >> 56) == UD_PROBE) {
-                if (cqe->flags & IORING_CQE_F_BUFFER) {
-                    const struct io_uring_recvmsg_out *o =
-                        (const void *)(u->bufs + (size_t)(cqe->flags >> IORING_CQE_BUFFER_SHIFT) * UR_BUFSZ);
-                    ok = cqe->res > 0 && o->payloadlen == 5 && (cqe->flags & IORING_CQE_F_MORE);
-                    put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-                } else if (cqe->res < 0) {
-                    snprintf(t->init_msg, sizeof t->init_msg, "multishot recvmsg: %s", strerror(-cqe->res));
-                    round = 20;
-                }
-            } else if (cqe->flags & IORING_CQE_F_BUFFER) {
-                put_buf(u, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
-            }
-        }
-        __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
-    }
-    if (ok)
+    for (int round = 0; round < 20 && !pr.recv_ok && !pr.recv_err; round++)
+        probe_round(u, &pr);
+    if (pr.recv_ok)
         u->send_to = probe_send_to(u, fd, &a);
+    else if (pr.recv_err)
+        snprintf(t->init_msg, sizeof t->init_msg, "multishot recvmsg: %s", strerror(pr.recv_err));
     cancel(u, ud(UD_PROBE, 0, 0));
     ur_submit(u, 0, 0);
     close(fd);
-    if (!ok && !t->init_msg[0])
+    if (!pr.recv_ok && !t->init_msg[0])
         snprintf(t->init_msg, sizeof t->init_msg, "no completion for a loopback datagram");
-    return ok ? 0 : -1;
+    return pr.recv_ok ? 0 : -1;
 }
 
 int rc_uring_init(rc_thread_t *t)
