@@ -257,32 +257,41 @@ int rc_pkt_drop_all(int fd)
 
 typedef void (*pkt_fn)(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t status, int64_t now, void *arg);
 
-/* hands every packet of every block the kernel has closed to fn; returns the packets seen */
-static unsigned walk(rc_thread_t *t, struct rc_pkt *p, int64_t now, pkt_fn fn, void *arg)
+/* the next block the kernel has handed over, with *first its first packet and *n their count; NULL
+ * if none is ready */
+static struct tpacket_block_desc *ready_block(struct rc_pkt *p, struct tpacket3_hdr **first, uint32_t *n)
 {
-    unsigned seen = 0;
-    for (unsigned guard = 0; guard < PK_BLOCKS; guard++) {
-        struct tpacket_block_desc *bd = block(p, p->cur);
-        struct tpacket3_hdr *h;
-        uint32_t n;
-        if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
-            break;
-        n = bd->hdr.bh1.num_pkts;
-        h = (struct tpacket3_hdr *)((uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt);
-        if (n)
-            __builtin_prefetch((uint8_t *)h + h->tp_net);
-        for (uint32_t i = 0; i < n; i++) {
-            struct tpacket3_hdr *next = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
-            if (i + 1 < n)
-                __builtin_prefetch((uint8_t *)next + next->tp_net);
-            fn(t, (uint8_t *)h + h->tp_net, h->tp_snaplen, h->tp_status, now, arg);
-            h = next;
-        }
-        seen += n;
-        __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
-        p->cur = (p->cur + 1) % PK_BLOCKS;
+    struct tpacket_block_desc *bd = block(p, p->cur);
+    if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
+        return NULL;
+    *n = bd->hdr.bh1.num_pkts;
+    *first = (struct tpacket3_hdr *)((uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt);
+    return bd;
+}
+
+/* gives a block back to the kernel and moves to the next */
+static void release_block(struct rc_pkt *p, struct tpacket_block_desc *bd)
+{
+    __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+    p->cur = (p->cur + 1) % PK_BLOCKS;
+}
+
+static inline struct tpacket3_hdr *next_packet(struct tpacket3_hdr *h)
+{
+    return (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
+}
+
+/* hands every packet of every block the kernel has handed over to fn (the startup probe) */
+static void walk(rc_thread_t *t, struct rc_pkt *p, pkt_fn fn, void *arg)
+{
+    struct tpacket_block_desc *bd;
+    struct tpacket3_hdr *h;
+    uint32_t n;
+    for (unsigned guard = 0; guard < PK_BLOCKS && (bd = ready_block(p, &h, &n)); guard++) {
+        for (uint32_t i = 0; i < n; i++, h = next_packet(h))
+            fn(t, (uint8_t *)h + h->tp_net, h->tp_snaplen, h->tp_status, 0, arg);
+        release_block(p, bd);
     }
-    return seen;
 }
 
 /* a packet of the ring, resolved to the leg socket it is for */
@@ -340,18 +349,14 @@ static int resolve(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t statu
 unsigned rc_pkt_drain(rc_thread_t *t, int64_t now)
 {
     struct rc_pkt *p = t->pk;
+    struct tpacket_block_desc *bd;
+    struct tpacket3_hdr *h;
     pk_item_t q[PK_AHEAD];
     unsigned seen = 0, head = 0, n = 0;
-    for (unsigned guard = 0; guard < PK_BLOCKS; guard++) {
-        struct tpacket_block_desc *bd = block(p, p->cur);
-        struct tpacket3_hdr *h;
-        uint32_t num;
-        if (!(__atomic_load_n(&bd->hdr.bh1.block_status, __ATOMIC_ACQUIRE) & TP_STATUS_USER))
-            break;
-        num = bd->hdr.bh1.num_pkts;
-        h = (struct tpacket3_hdr *)((uint8_t *)bd + bd->hdr.bh1.offset_to_first_pkt);
+    uint32_t num;
+    for (unsigned guard = 0; guard < PK_BLOCKS && (bd = ready_block(p, &h, &num)); guard++) {
         for (uint32_t i = 0; i < num; i++) {
-            struct tpacket3_hdr *next = (struct tpacket3_hdr *)((uint8_t *)h + h->tp_next_offset);
+            struct tpacket3_hdr *next = next_packet(h);
             if (i + 1 < num)
                 __builtin_prefetch((uint8_t *)next + next->tp_net);
             if (n == PK_AHEAD) {
@@ -368,8 +373,7 @@ unsigned rc_pkt_drain(rc_thread_t *t, int64_t now)
         for (; n; n--, head = (head + 1) % PK_AHEAD)
             rc_uring_datagram(t, q[head].k, q[head].payload, q[head].len, 0, &q[head].src, now);
         seen += num;
-        __atomic_store_n(&bd->hdr.bh1.block_status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
-        p->cur = (p->cur + 1) % PK_BLOCKS;
+        release_block(p, bd);
     }
     return seen;
 }
@@ -455,7 +459,7 @@ static int self_test(rc_thread_t *t, struct rc_pkt *p)
     for (int i = 0; i < 100 && !pr.got; i++) {
         struct pollfd pf = {p->fd, POLLIN, 0};
         poll(&pf, 1, 5);
-        walk(t, p, 0, on_probe, &pr);
+        walk(t, p, on_probe, &pr);
     }
     if (!pr.got) {
         close(fd);
@@ -561,7 +565,7 @@ int rc_pkt_init(rc_thread_t *t, int port_lo, int port_hi)
     /* whatever the probe's filter let in after the probe */
     for (int i = 0; i < 3; i++) {
         struct probe none = {0, 0};
-        walk(t, p, 0, on_probe, &none);
+        walk(t, p, on_probe, &none);
         if (i < 2)
             poll(&(struct pollfd){p->fd, POLLIN, 0}, 1, PK_RETIRE_MS + 1);
     }
