@@ -299,6 +299,7 @@ typedef struct {
     rc_sock_t *k;
     uint8_t *payload;
     size_t len;
+    int trunc;
     struct sockaddr_in src;
 } pk_item_t;
 
@@ -325,6 +326,8 @@ static int resolve(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t statu
     it->k = k;
     it->payload = (uint8_t *)udp + 8;
     it->len = ulen - 8;
+    /* larger than the socket loops' buffers: invalid there (truncated), so invalid here too */
+    it->trunc = it->len > PKT_MAX;
     it->src.sin_family = AF_INET;
     memcpy(&it->src.sin_port, udp, 2);
     memcpy(&it->src.sin_addr, ip + 12, 4);
@@ -361,7 +364,7 @@ unsigned rc_pkt_drain(rc_thread_t *t, int64_t now)
                 __builtin_prefetch((uint8_t *)next + next->tp_net);
             if (n == PK_AHEAD) {
                 pk_item_t *it = &q[head];
-                rc_uring_datagram(t, it->k, it->payload, it->len, 0, &it->src, now);
+                rc_uring_datagram(t, it->k, it->payload, it->len, it->trunc, &it->src, now);
                 head = (head + 1) % PK_AHEAD;
                 n--;
             }
@@ -371,7 +374,7 @@ unsigned rc_pkt_drain(rc_thread_t *t, int64_t now)
         }
         /* the block goes back to the kernel only when none of its packets waits */
         for (; n; n--, head = (head + 1) % PK_AHEAD)
-            rc_uring_datagram(t, q[head].k, q[head].payload, q[head].len, 0, &q[head].src, now);
+            rc_uring_datagram(t, q[head].k, q[head].payload, q[head].len, q[head].trunc, &q[head].src, now);
         seen += num;
         release_block(p, bd);
     }

@@ -182,6 +182,24 @@ def test_invalid_datagrams_counted_and_dropped(engine: rtp_core.Engine, tmp_path
     assert st["legs"][0]["packets"] == 0 and drain(b) == []
 
 
+def test_oversized_datagrams_are_invalid_on_every_receive_path(engine: rtp_core.Engine) -> None:
+    """A datagram larger than the engine's 2 KiB packet buffers is counted invalid, even with a
+    valid RTP (or RTCP) header: the socket loops see it truncated, the packet ring whole, and all
+    of them must treat it alike."""
+    a, b = phone(), phone()
+    sid = engine.open_session(output_path=None)
+    pa, pb = engine.add_leg(sid, 0), engine.add_leg(sid, 1)
+    engine.set_remote(sid, 1, *b.getsockname())
+    a.sendto(struct.pack("!BBHII", 0x80, 8, 1, 160, 7) + b"\xd5" * 3000, ("127.0.0.1", pa))
+    a.sendto(b"\x81\xc8" + b"\x00" * 3000, ("127.0.0.1", pa + 1))
+    a.sendto(struct.pack("!BBHII", 0x80, 8, 2, 320, 7) + b"\xd5" * 160, ("127.0.0.1", pa))
+    time.sleep(0.1)
+    st = engine.close_session(sid)
+    assert st["legs"][0]["invalid"] == 2
+    assert st["legs"][0]["packets"] == 1 and st["legs"][0]["rtcp_packets"] == 0
+    assert len(drain(b)) == 1
+
+
 def test_timeout_event(engine: rtp_core.Engine) -> None:
     sid = engine.open_session(output_path=None, timeout_s=0.2)
     engine.add_leg(sid, 0)
