@@ -96,6 +96,8 @@ async def run(
         _drain_signals(loop, server, mcp.name)
         if ready is not None:
             ready()
+        if hasattr(engine, "loop_stats"):
+            await _watch_engine(engine, mcp.name)  # until cancelled, unless the engine cannot report
         await asyncio.Event().wait()
     finally:
         for signum in DRAIN_SIGNALS:
@@ -104,6 +106,54 @@ async def run(
         log.info("MCP %s stopping", mcp.name)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(_shutdown(server, endpoint, engine, mcp, reader=reader, started=started))
+
+
+#: How often the MCP reads its media engine's loss counters (seconds).
+ENGINE_WATCH_INTERVAL = 10.0
+
+
+class EngineWatch:
+    """What the media engine's counters say went wrong since the last look (rtp_core's
+    ``loop_stats()``, docs/RTP_CORE.md): one log line per counter that grew."""
+
+    #: counter -> what its growth means
+    COUNTERS = {
+        "ring_drops": "packet(s) dropped by the kernel because the engine's packet ring was full "
+        "(the engine thread is overloaded)",
+        "ring_rejected": "packet(s) with a bad IPv4 header, length or UDP checksum refused",
+        "events_dropped": "engine event(s) lost because the event queue was full",
+    }
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def check(self, stats: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for key, meaning in self.COUNTERS.items():
+            if key == "events_dropped":  # engine-wide: every thread reports the same count
+                total = int(stats[0].get(key, 0)) if stats else 0
+            else:
+                total = sum(int(t.get(key, 0)) for t in stats)
+            grew = total - self.seen.get(key, 0)
+            self.seen[key] = total
+            if grew > 0:
+                out.append(f"{grew} {meaning}")
+        return out
+
+
+async def _watch_engine(engine: Any, name: str, interval: float | None = None) -> None:
+    """Logs the engine's losses every ``interval`` seconds until cancelled; returns if the engine
+    cannot report them (the MCP goes on without the watch)."""
+    watch = EngineWatch()
+    while True:
+        try:
+            stats = engine.loop_stats()
+        except Exception:
+            log.exception("MCP %s: the media engine's counters cannot be read; not watching them", name)
+            return
+        for line in watch.check(stats):
+            log.warning("MCP %s media engine: %s", name, line)
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL if interval is None else interval)
 
 
 #: SIGUSR1 takes the MCP out of service (graceful drain), SIGUSR2 puts it back (docs/HA.md).
