@@ -5,7 +5,8 @@
 2. bench/call_rate.py: the whole stack end to end with SIPp, its default sweep of call rates and
    the concurrency step;
 3. bench/crypto_bench.py: envelope encryption, decryption, RSA unwrap and encrypted playback;
-4. bench/encode_bench.py: encode throughput per core (x realtime) of WAV, MP3, Opus and FLAC.
+4. bench/encode_bench.py: encode throughput per core (x realtime) of WAV, MP3, Opus and FLAC;
+5. bench/sip_parse_bench.py: the SIP core's cost of parsing and reading an INVITE.
 
 Each prints its figures as it goes and ends with `name: value` lines; this script ends with those
 lines of all of them, one per headline figure. It does not rewrite docs/BENCHMARKS.md unless --write-doc
@@ -39,6 +40,7 @@ BENCHES = {
     "call_rate": ("call_rate.py", []),
     "crypto": ("crypto_bench.py", []),
     "encode": ("encode_bench.py", ["--seconds", "30"]),
+    "sip_parse": ("sip_parse_bench.py", []),
 }
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable
-from typing import Self
+from collections.abc import Callable, Iterable
+from typing import Any, Self, TypeVar
 
 from .errors import InvalidStateError, SipError, SipParseError
 from .headers import COMPACT_FORMS, LIST_HEADERS, CSeq, Headers, Via, canonical_name
@@ -105,15 +105,21 @@ def is_keepalive(data: bytes) -> bool:
     return not data.strip(b"\r\n")
 
 
+_T = TypeVar("_T")
+
+
 class Message:
     """Base of :class:`Request` and :class:`Response`: headers and body plus typed accessors.
 
-    The accessors parse the header text on each call (cheap, and never stale after the headers
-    are edited); a missing or malformed header raises ``SipParseError``.
+    An accessor parses the header's text once and keeps the result for as long as the text stays
+    the same (never stale after the headers are edited); a missing or malformed header raises
+    ``SipParseError``. The parsed values are shared between calls: copy one (``.copy()``) before
+    changing it.
     """
 
     headers: Headers
     body: bytes
+    _memo: dict[str, tuple[Any, Any]]
 
     def __init__(self, headers: Headers | Iterable[tuple[str, str]] | None = None, body: bytes = b"") -> None:
         if headers is None:
@@ -122,12 +128,22 @@ class Message:
             headers = Headers(headers)
         self.headers = headers
         self.body = bytes(body)
+        self._memo = {}
 
     # -- typed accessors -------------------------------------------------------------------
     def _require(self, name: str) -> str:
         value = self.headers.get(name)
         if value is None:
             raise SipParseError(f"{name} header is missing")
+        return value
+
+    def _parsed(self, key: str, text: Any, parse: Callable[[Any], _T]) -> _T:
+        """``parse(text)``, kept under ``key`` while the header text is ``text``."""
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == text:
+            return hit[1]  # type: ignore[no-any-return]
+        value = parse(text)
+        self._memo[key] = (text, value)
         return value
 
     @property
@@ -138,33 +154,36 @@ class Message:
     @property
     def cseq(self) -> CSeq:
         """The parsed CSeq (RFC 3261 20.16)."""
-        return CSeq.parse(self._require("CSeq"))
+        return self._parsed("CSeq", self._require("CSeq"), CSeq.parse)
 
     @property
     def from_(self) -> NameAddr:
         """The parsed From (RFC 3261 20.20)."""
-        return NameAddr.parse(self._require("From"))
+        return self._parsed("From", self._require("From"), NameAddr.parse)
 
     @property
     def to(self) -> NameAddr:
         """The parsed To (RFC 3261 20.39)."""
-        return NameAddr.parse(self._require("To"))
+        return self._parsed("To", self._require("To"), NameAddr.parse)
 
     @property
     def vias(self) -> list[Via]:
         """Every Via value, topmost first (RFC 3261 20.42)."""
-        return [Via.parse(v) for v in self.headers.get_all("Via")]
+        return [self._via(v) for v in self.headers.get_all("Via")]
+
+    def _via(self, text: str) -> Via:
+        return self._parsed("Via " + text, text, Via.parse)
 
     @property
     def top_via(self) -> Via:
         """The topmost Via; raises ``SipParseError`` when there is none."""
-        return Via.parse(self._require("Via"))
+        return self._via(self._require("Via"))
 
     @property
     def branch(self) -> str | None:
         """The top Via's branch parameter, or None (no Via or no branch)."""
         value = self.headers.get("Via")
-        return None if value is None else Via.parse(value).branch
+        return None if value is None else self._via(value).branch
 
     @property
     def content_type(self) -> str | None:
@@ -175,7 +194,11 @@ class Message:
     def contacts(self) -> list[NameAddr]:
         """Every Contact value; the wildcard ``*`` (REGISTER, RFC 3261 10.2.2) is skipped, see
         :attr:`contact_wildcard`."""
-        return [NameAddr.parse(v) for v in self.headers.get_all("Contact") if v != "*"]
+        return [
+            self._parsed("Contact " + v, v, NameAddr.parse)
+            for v in self.headers.get_all("Contact")
+            if v != "*"
+        ]
 
     @property
     def contact_wildcard(self) -> bool:
@@ -400,7 +423,7 @@ def _validate(msg: Request | Response) -> None:
     if not vias:
         raise SipParseError("Via header is missing")
     for via in vias:
-        Via.parse(via)
+        msg._via(via)
     for name in _SINGLE_HEADERS:
         if h.count(name) > 1:
             raise SipParseError(f"Multiple {name} headers")
@@ -409,7 +432,7 @@ def _validate(msg: Request | Response) -> None:
         if value is None:
             raise SipParseError(f"{name} header is missing")
         try:
-            NameAddr.parse(value)
+            msg._parsed(name, value, NameAddr.parse)
         except SipParseError as exc:
             # 416 is about the Request-URI only; a bad URI in a header is a 400.
             raise SipParseError(f"Invalid {name} header: {exc.reason}") from None
@@ -421,7 +444,7 @@ def _validate(msg: Request | Response) -> None:
     cseq_text = h.get("CSeq")
     if cseq_text is None:
         raise SipParseError("CSeq header is missing")
-    cseq = CSeq.parse(cseq_text)
+    cseq = msg._parsed("CSeq", cseq_text, CSeq.parse)
     if isinstance(msg, Request) and cseq.method != msg.method:
         # RFC 3261 8.1.1.5 / RFC 4475 3.1.2.17
         raise SipParseError("CSeq method does not match request method")
@@ -429,7 +452,7 @@ def _validate(msg: Request | Response) -> None:
     for value in h.get_all("Contact"):
         if value != "*":
             try:
-                NameAddr.parse(value)
+                msg._parsed("Contact " + value, value, NameAddr.parse)
             except SipParseError as exc:
                 raise SipParseError(f"Invalid Contact header: {exc.reason}") from None
     date = h.get("Date")

@@ -372,3 +372,23 @@ def test_message_layer_is_sans_io() -> None:
         }
         imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not imported & {"asyncio", "socket", "time", "os", "selectors", "threading"}, name
+
+
+def test_accessors_parse_once_and_follow_edits() -> None:
+    """A parsed header is kept while its text stays the same, and parsed anew once it changes."""
+    msg = parse_message(
+        b"INVITE sip:b@example.com SIP/2.0\r\nVia: SIP/2.0/UDP a.example.com;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\n"
+        b"Contact: <sip:a@10.0.0.1>\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert msg.to is msg.to and msg.top_via is msg.vias[0] and msg.contacts[0] is msg.contacts[0]
+    assert msg.to.tag is None
+    msg.headers.set("To", "<sip:b@example.com>;tag=9")
+    assert msg.to.tag == "9"
+    msg.headers.add("Via", "SIP/2.0/TCP proxy.example.com;branch=z9hG4bK2", first=True)
+    assert msg.branch == "z9hG4bK2" and [v.branch for v in msg.vias] == ["z9hG4bK2", "z9hG4bK1"]
+    msg.headers.set("CSeq", "2 INVITE")
+    assert msg.cseq.seq == 2
+    copy = msg.copy()
+    copy.headers.set("From", "<sip:c@example.com>;tag=2")
+    assert copy.from_.tag == "2" and msg.from_.tag == "1"
