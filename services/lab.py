@@ -58,7 +58,7 @@ class LabPorts:
     def free(cls, mcps: int = 2) -> LabPorts:
         """Pick ports that are free on 127.0.0.1 now (UDP and TCP), for tests that run a lab."""
         taken: set[int] = set()
-        ports = [_free_port(taken) for _ in range(8 + mcps)]
+        ports = [free_port(taken) for _ in range(8 + mcps)]
         base = 30000 + secrets.randbelow(200) * 100
         return cls(
             sip=ports[0],
@@ -70,11 +70,14 @@ class LabPorts:
             mcp=ports[8:],
             rtp_base=base,
             rtp_per_mcp=1000,
-            crypto=[_free_port(taken) for _ in range(2)],
+            crypto=[free_port(taken) for _ in range(2)],
         )
 
 
-def _free_port(taken: set[int]) -> int:
+def free_port(taken: set[int] | None = None) -> int:
+    """A port of 127.0.0.1 free for both TCP and UDP (SIP listens on both), not in ``taken``
+    (to which it is added)."""
+    taken = set() if taken is None else taken
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", 0))

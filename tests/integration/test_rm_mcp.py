@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import random
-import socket
 import struct
 import time
 import wave
@@ -29,6 +28,7 @@ import pytest
 
 import rtp_core._core  # noqa: F401 - the C engine must be built (make test builds it)
 from services.config import ClusterConfig, IvrProfile, McpConfig, ResourceManagerConfig, StorageConfig, Tenant
+from services.lab import free_port
 from services.mcp import daemon as mcp_daemon
 from services.mcp.xcv import BridgeRequest, CallInfo
 from services.resource_manager import daemon as rm_daemon
@@ -40,20 +40,6 @@ from services.sip.message import Request, Response, new_call_id, new_tag
 RATE = 8000
 PTIME = 0.02
 SAMPLES = 160
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 # -- G.711 and RTP for the two parties ------------------------------------------------------------

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,25 +27,12 @@ import pytest
 
 from services import ha_auth
 from services.cli import READY_MARK
+from services.lab import free_port
 from services.resource_manager.affinity import AffinityEntry
 from services.resource_manager.replication import LinkCodec
 
 SECRET = "integration-rm-pair-secret"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (the RM's SIP port is both)."""
-    for _ in range(50):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def config_text(ports: dict[str, tuple[int, int]], secret: str | None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from services.config import ClusterConfig, IvrProfile, McpConfig, ResourceManagerConfig, Tenant
+from services.lab import free_port
 from services.mcp import xcv
 from services.resource_manager import daemon as rm_daemon
 from services.sip.aio import IncomingRequest, SipEndpoint
@@ -24,19 +24,6 @@ from services.sip.message import Request, Response, new_call_id, new_tag
 from services.sip.timers import TimerConfig
 
 FAST = TimerConfig(t1=0.05, t2=0.4, t4=0.5, timer_d=0.5)
-
-
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 async def until(condition: Any, timeout: float = 5.0) -> None:
