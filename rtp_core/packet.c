@@ -56,7 +56,7 @@ struct rc_pkt {
     uint32_t bind_ip;                  /* network order; 0 = any */
     int raw;                           /* IPPROTO_RAW socket the relays go out of, or -1 */
     uint16_t ip_id;
-    uint64_t drops, no_leg;
+    uint64_t drops;
 };
 
 static inline struct tpacket_block_desc *block(struct rc_pkt *p, unsigned i)
@@ -318,10 +318,8 @@ static int resolve(rc_thread_t *t, const uint8_t *ip, size_t cap, uint32_t statu
         return 0;
     }
     port = udp[2] << 8 | udp[3];
-    if (port < p->port_lo || port > p->port_hi || !(k = p->ports[port - p->port_lo])) {
-        p->no_leg++;                   /* a port of ours with no leg (any more): what the socket would drop */
-        return 0;
-    }
+    if (port < p->port_lo || port > p->port_hi || !(k = p->ports[port - p->port_lo]))
+        return 0;                      /* a port with no leg (any more): no socket would take it either */
     t->ls.datagrams++;
     it->k = k;
     it->payload = (uint8_t *)udp + 8;
