@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import machine  # noqa: E402
 
 from services import config as config_mod  # noqa: E402
 from services.crypto_server.app import create_app as crypto_app  # noqa: E402
@@ -41,9 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     args = parser.parse_args()
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
+    print(f"machine: {machine()}")
     size = int(args.minutes * 60 * 8000 * 4) + 44
     with tempfile.TemporaryDirectory(prefix="crypto-bench-") as tmp:
         d = Path(tmp)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import struct
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchlib import machine  # noqa: E402
 
 import rtp_core  # noqa: E402
 from services.mcp.transcode import transcode  # noqa: E402
@@ -97,15 +98,6 @@ def write_wav(path: Path, channels: list[list[int]]) -> None:
         w.setsampwidth(2)
         w.setframerate(RATE)
         w.writeframes(bytes(frames))
-
-
-def machine() -> str:
-    model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def main() -> None:

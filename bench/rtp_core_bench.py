@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -286,15 +287,6 @@ def point_ok(r: dict) -> bool:
         and (r["latency_p99_ms"] is None or r["latency_p99_ms"] < 20)
         and r["engine_cpu_pct"] < 95
     )
-
-
-def machine() -> str:
-    model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def main() -> None:
